@@ -1,0 +1,160 @@
+"""`mb2po-data`: validate, inspect and generate datasets.
+
+    mb2po-data validate PATH|NAME [--env ID]          one summary line, exit 0; or one error line, exit 1
+    mb2po-data info PATH|NAME [--env ID] [--json]
+    mb2po-data generate --env hopper --kind random [--size N] [--seed S] [--out PATH]
+
+Bad input never shows a traceback: the problem is printed as one line `error: ...` on stderr, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from mb2po_jax.errors import DataError
+from mb2po_jax.data import generation, registry
+from mb2po_jax.data.loader import load_dataset
+
+
+def _summary(ds) -> str:
+    dropped = ds.num_rows - ds.num_transitions
+    extra = f" ({dropped} rows without a known next state dropped)" if dropped else ""
+    return (
+        f"{ds.name}: {ds.num_transitions} transitions{extra}, {ds.num_episodes} episodes, "
+        f"obs_dim {ds.obs_dim}, act_dim {ds.act_dim}, env {ds.env_id}"
+    )
+
+
+def _cmd_validate(args) -> int:
+    ds = load_dataset(args.dataset, args.env, validate=True)
+    print(f"ok {_summary(ds)}")
+    return 0
+
+
+def _finite_or_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _cmd_info(args) -> int:
+    validation_error = None
+    try:
+        ds = load_dataset(args.dataset, args.env, validate=True)
+    except DataError as e:
+        # Show what can be shown of a file that fails the value/environment checks; structural problems
+        # (and missing files) make this load fail too, and the error propagates.
+        validation_error = str(e)
+        ds = load_dataset(args.dataset, args.env, validate=False)
+    returns = ds.episode_returns
+    normalized = registry.normalized_score(ds.env_id, returns)
+    size_bytes = None
+    if os.path.isfile(ds.path):
+        size_bytes = os.path.getsize(ds.path)
+    info = {
+        "name": ds.name,
+        "path": ds.path,
+        "env": ds.env_id,
+        "transitions": ds.num_transitions,
+        "rows": ds.num_rows,
+        "episodes": ds.num_episodes,
+        "obs_dim": ds.obs_dim,
+        "act_dim": ds.act_dim,
+        "terminals": int(ds.transitions.terminals.sum()),
+        "file_bytes": size_bytes,
+        "return_mean": _finite_or_none(float(np.mean(returns))),
+        "return_min": _finite_or_none(float(np.min(returns))),
+        "return_max": _finite_or_none(float(np.max(returns))),
+        "normalized_return_mean": _finite_or_none(float(np.mean(normalized))),
+        "normalized_return_min": _finite_or_none(float(np.min(normalized))),
+        "normalized_return_max": _finite_or_none(float(np.max(normalized))),
+        "valid": validation_error is None,
+        "validation_error": validation_error,
+        "metadata": {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in ds.metadata.items()},
+    }
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        lines = [
+            f"dataset      {info['name']}",
+            f"path         {info['path']}" + (f" ({size_bytes / 2**20:.1f} MiB)" if size_bytes else ""),
+            f"env          {info['env']} (obs_dim {info['obs_dim']}, act_dim {info['act_dim']})",
+            f"transitions  {info['transitions']} of {info['rows']} rows, {info['terminals']} terminal",
+            f"episodes     {info['episodes']} (lengths {int(ds.episode_lengths.min())}..."
+            f"{int(ds.episode_lengths.max())}, last one may be partial)",
+            f"return       mean {returns.mean():.2f}, min {returns.min():.2f}, max {returns.max():.2f}",
+        ]
+        if info["normalized_return_mean"] is not None:
+            lines.append(
+                f"normalized   mean {info['normalized_return_mean']:.1f}, min {info['normalized_return_min']:.1f}, "
+                f"max {info['normalized_return_max']:.1f} (D4RL reference scores)"
+            )
+        else:
+            lines.append("normalized   n/a (no D4RL reference score for this environment)")
+        lines.append("validation   ok" if validation_error is None else f"validation   FAILED: {validation_error}")
+        for key, value in sorted(info["metadata"].items()):
+            lines.append(f"metadata     {key} = {value}")
+        print("\n".join(lines))
+    if validation_error is not None:
+        print(f"error: {validation_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    path = generation.generate(args.env, args.kind, size=args.size, seed=args.seed, path=args.out)
+    ds = load_dataset(path, validate=True)
+    print(f"wrote {path}: {_summary(ds)}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mb2po-data", description="Validate, inspect and generate datasets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    dataset_help = "an .hdf5 file, a D4RL name (hopper-medium-replay-v2), a local name, or a Minari id"
+    env_help = "Gymnasium environment id (default: from the file's metadata or the dataset name)"
+
+    p = sub.add_parser("validate", help="check a dataset; one summary line, exit 0, or one error line, exit 1")
+    p.add_argument("dataset", help=dataset_help)
+    p.add_argument("--env", default=None, help=env_help)
+    p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("info", help="size, episodes, returns and validation status")
+    p.add_argument("dataset", help=dataset_help)
+    p.add_argument("--env", default=None, help=env_help)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(fn=_cmd_info)
+
+    p = sub.add_parser("generate", help="make a D4RL-style dataset in the real environment")
+    p.add_argument("--env", required=True, help="hopper, halfcheetah, walker2d, or any Gymnasium id")
+    p.add_argument("--kind", required=True, choices=registry.LOCAL_KINDS)
+    p.add_argument("--size", type=int, default=1_000_000, help="transitions (default: D4RL's 1,000,000)")
+    p.add_argument("--seed", type=int, default=generation.DEFAULT_SEED)
+    p.add_argument("--out", default=None, help="output file (default: the local name's file in "
+                                                "$MB2PO_DATA_DIR or ~/.cache/mb2po_jax/datasets)")
+    p.set_defaults(fn=_cmd_generate)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status (argparse usage errors exit 2 through SystemExit)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permission denied while writing
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,41 @@
+"""mb2po_jax: AWAC pretraining + MB2PO model-based fine-tuning for offline RL, in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mb2po_jax",
+    version="0.1.0",
+    description=(
+        "Fine-tuning offline RL with model-based policy optimisation (AWAC + MB2PO) in JAX"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mb2po_jax", "mb2po_jax.*"]),
+    package_data={"mb2po_jax": ["assets/**/*"]},
+    install_requires=[
+        "jax>=0.4.35,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.3,<0.3",
+        "distrax>=0.1.5,<0.2",
+        "chex>=0.1.87,<0.2",
+        "orbax-checkpoint>=0.11,<0.13",
+        "absl-py>=2.0,<3",
+        "mujoco>=3.1,<5",
+        "gymnasium[mujoco]>=1.0,<2",
+        "h5py>=3.10,<4",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "minari": ["minari[hdf5]>=0.5,<0.6"],
+        "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6"],
+        # PyTorch reference implementations, only for `mb2po-bench --compare`.
+        "bench": ["torch>=2.2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mb2po-train=mb2po_jax.train:run",
+            "mb2po-data=mb2po_jax.data.cli:run",
+            "mb2po-bench=mb2po_jax.bench:run",
+        ]
+    },
+)

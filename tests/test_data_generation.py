@@ -1,0 +1,92 @@
+"""Locally generated D4RL-style data: deterministic files whose flags match what the environment did."""
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from mb2po_jax.data import generation, load_dataset, read_d4rl_hdf5
+from mb2po_jax.errors import DataError
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "local"))
+
+
+def hopper_unhealthy(obs: np.ndarray) -> np.ndarray:
+    """SPEC section 3: healthy iff all finite, |s[1:]| < 100, height s[0] > 0.7, |angle s[1]| < 0.2."""
+    healthy = (np.all(np.isfinite(obs), axis=1) & np.all(np.abs(obs[:, 1:]) < 100, axis=1)
+               & (obs[:, 0] > 0.7) & (np.abs(obs[:, 1]) < 0.2))
+    return ~healthy
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    paths = [str(tmp_path / f"run{i}.hdf5") for i in range(3)]
+    generation.generate_random("Hopper-v5", 300, 7, paths[0])
+    generation.generate_random("hopper", 300, 7, paths[1])
+    generation.generate_random("Hopper-v5", 300, 8, paths[2])
+    data = [open(p, "rb").read() for p in paths]
+    assert data[0] == data[1]
+    assert data[0] != data[2]
+
+
+def test_hopper_flags_match_what_the_environment_did(tmp_path):
+    path = str(tmp_path / "hopper.hdf5")
+    generation.generate_random("Hopper-v5", 400, 0, path)
+    raw = read_d4rl_hdf5(path)
+    obs, next_obs = raw["observations"], raw["next_observations"]
+    terminals, timeouts = raw["terminals"], raw["timeouts"]
+    assert terminals.dtype == bool and timeouts.dtype == bool and obs.dtype == np.float32
+    assert terminals.sum() >= 5 and not timeouts.any()  # random hopper falls long before 1000 steps
+    # A terminal is exactly a step into an unhealthy state (the true termination, not a time limit).
+    assert np.array_equal(terminals, hopper_unhealthy(next_obs.astype(np.float64)))
+    # Inside an episode s' is the next row; after a terminal the next row is a fresh reset.
+    inside = ~terminals[:-1]
+    assert np.array_equal(next_obs[:-1][inside], obs[1:][inside])
+    assert np.all(np.any(next_obs[:-1][~inside] != obs[1:][~inside], axis=1))
+    # infos/qpos, infos/qvel are the MuJoCo state behind observations[i] (Hopper-v5 drops the x position).
+    assert np.allclose(raw["infos/qpos"][:, 1:], obs[:, :5], atol=1e-6)
+    assert np.allclose(raw["infos/qvel"], obs[:, 5:], atol=1e-5)
+    assert np.all(np.abs(raw["actions"]) <= 1.0)
+    assert np.allclose(raw["infos/action_log_probs"], -3 * np.log(2.0))
+    assert raw["metadata/env_id"] == "Hopper-v5" and raw["metadata/kind"] == "random"
+    assert raw["metadata/seed"] == 0 and raw["metadata/algorithm"] == "uniform_random"
+
+
+def test_time_limit_gives_timeouts_not_terminals(tmp_path):
+    path = str(tmp_path / "cheetah.hdf5")
+    generation.generate_random("HalfCheetah-v5", 120, 0, path, max_episode_steps=50)
+    raw = read_d4rl_hdf5(path)
+    assert np.flatnonzero(raw["timeouts"]).tolist() == [49, 99]
+    assert not raw["terminals"].any()
+    ds = load_dataset(path)
+    assert ds.env_id == "HalfCheetah-v5"
+    assert np.array_equal(ds.episode_lengths, [50, 50, 20])
+    assert len(ds.transitions) == 120 and ds.transitions.terminals.sum() == 0
+
+
+def test_other_kinds_are_not_available_yet(tmp_path):
+    with pytest.raises(DataError, match="'medium' is not available yet"):
+        generation.generate("hopper", "medium", size=10, path=str(tmp_path / "x.hdf5"))
+    assert not os.path.exists(tmp_path / "x.hdf5")
+    with pytest.raises(DataError, match="unknown dataset kind"):
+        generation.generate("hopper", "mediocre", size=10)
+
+
+def test_default_dataset_is_generated_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(generation, "DEFAULT_DATASET_SIZE", 150)
+    path = generation.ensure_default_dataset()
+    assert path == str(tmp_path / "local" / "hopper_random-local.hdf5")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hopper-random-local" in err
+    stamp = os.stat(path).st_mtime_ns
+    assert generation.ensure_default_dataset() == path
+    assert capsys.readouterr().err == ""
+    assert os.stat(path).st_mtime_ns == stamp
+    ds = load_dataset(generation.DEFAULT_DATASET)
+    assert ds.num_transitions == 150 and ds.env_id == "Hopper-v5"
+    with h5py.File(path, "r") as f:
+        assert f["metadata"].attrs["mb2po_jax_version"]
