@@ -1,0 +1,100 @@
+"""`mb2po-train`: the absl CLI. Maps flags onto RunConfig (mb2po_jax.config) and runs the pipeline.
+
+    mb2po-train --preset smoke                                   # built-in default dataset, no download
+    mb2po-train --dataset hopper-medium-replay-v2 --workdir runs/hmr --preset cpu --num_seeds 2
+    mb2po-train --dataset my.hdf5 --env Hopper-v5 --awac_steps 200000 --temperature 0.5
+
+Rerunning with the same --workdir resumes; SIGTERM saves a checkpoint and exits 0 (rerun to resume).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from mb2po_jax import config as config_lib
+from mb2po_jax.errors import Mb2poError
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("dataset", None, "D4RL name (hopper-medium-replay-v2), local name "
+                    "(hopper-random-local), Minari id, or path to a D4RL-layout HDF5 file. "
+                    "Default: the built-in local dataset, generated on first use.")
+flags.DEFINE_string("env", None, "Gymnasium env id overriding the one implied by the dataset.")
+flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists). "
+                    "Default: workdirs/<dataset>_<preset>_seed<seed>.")
+flags.DEFINE_string("preset", "smoke", f"One of {sorted(config_lib.PRESETS)}.")
+flags.DEFINE_list("stages", ["awac"], f"Stages to run, from {','.join(config_lib.STAGES)}.")
+flags.DEFINE_integer("seed", 0, "Base seed; seed axis s uses key split(PRNGKey(seed), num_seeds)[s].")
+flags.DEFINE_integer("num_seeds", None, "Seeds trained side by side in one program (preset default).")
+# Run schedule (defaults from the preset).
+flags.DEFINE_integer("awac_steps", None, "AWAC gradient steps (paper: 500000).")
+flags.DEFINE_integer("steps_per_call", None, "Updates fused into one compiled call.")
+flags.DEFINE_integer("eval_every", None, "Evaluate every this many AWAC steps.")
+flags.DEFINE_integer("eval_episodes", None, "Evaluation episodes per seed.")
+flags.DEFINE_integer("max_episode_steps", None, "Evaluation episode length.")
+flags.DEFINE_integer("checkpoint_every", None, "Checkpoint every this many steps.")
+# AWAC hyperparameters (defaults in AWACConfig).
+flags.DEFINE_integer("batch_size", None, "AWAC minibatch size.")
+flags.DEFINE_float("actor_lr", None, "Actor Adam learning rate.")
+flags.DEFINE_float("critic_lr", None, "Critic Adam learning rate.")
+flags.DEFINE_float("gamma", None, "Discount.")
+flags.DEFINE_float("tau", None, "Polyak rate of the target critics.")
+flags.DEFINE_float("temperature", None, "AWAC alpha in exp(A / alpha) (paper: 1.0).")
+flags.DEFINE_float("max_weight", None, "Clamp of the advantage weights (paper: 20).")
+flags.DEFINE_integer("num_components", None, "Mixture components of the tanh-GMM actor (paper: 5).")
+flags.DEFINE_list("actor_hidden_dims", None, "Actor hidden layer widths, e.g. 256,256,256.")
+flags.DEFINE_list("critic_hidden_dims", None, "Critic hidden layer widths, e.g. 256,256,256.")
+flags.DEFINE_boolean("normalize_observations", None, "Standardise observations with dataset stats.")
+
+
+def _overrides() -> dict:
+    names = ["num_seeds", "awac_steps", "steps_per_call", "eval_every", "eval_episodes",
+             "max_episode_steps", "checkpoint_every", "batch_size", "actor_lr", "critic_lr", "gamma",
+             "tau", "temperature", "max_weight", "num_components", "normalize_observations"]
+    values = {name: getattr(FLAGS, name) for name in names}
+    for name in ("actor_hidden_dims", "critic_hidden_dims"):
+        if getattr(FLAGS, name) is not None:
+            values[name] = tuple(int(w) for w in getattr(FLAGS, name))
+    values["seed"] = FLAGS.seed
+    values["stages"] = tuple(FLAGS.stages)
+    return values
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        # orbax logs every save at INFO through absl; keep the terminal for progress (--verbosity=0 shows it).
+        logging.set_verbosity(logging.WARNING)
+    from mb2po_jax import pipeline  # heavy imports after flag parsing, so --help is fast
+
+    try:
+        config = config_lib.make_config(FLAGS.preset, _overrides())
+        dataset_name = FLAGS.dataset
+        workdir = FLAGS.workdir or os.path.join(
+            "workdirs",
+            f"{os.path.basename(dataset_name or 'default').replace('/', '_')}_{FLAGS.preset}_seed{FLAGS.seed}",
+        )
+        run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset)
+        results = run()
+    except pipeline.Stopped as stopped:
+        print(stopped, file=sys.stderr)
+        return 0
+    except Mb2poError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = {stage: {k: v for k, v in r.items() if k in ("return", "normalized_score")}
+               for stage, r in results["final"].items()}
+    print(json.dumps({"workdir": run.workdir, "final": summary}))
+    return 0
+
+
+def run():
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()
