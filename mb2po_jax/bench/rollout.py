@@ -1,0 +1,116 @@
+"""Rollout-engine throughput: imagined steps per second of one MB2PO iteration (paper: 1M steps).
+
+Random-init networks (speed does not depend on the weights). FLOPs counted honestly: per imagined step,
+the forward matmuls of every ensemble member the engine actually evaluates (the elites with the default
+"max_std" penalty; all members for "max_aleatoric" or use_elites=False) plus the policy's forward. Elementwise
+work (swish, soft clamps, sampling, termination) is not counted: it is the overhead the ratio exposes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mb2po_jax import dynamics as dyn
+from mb2po_jax import rollout as ro
+from mb2po_jax.bench.common import block, dense_flops, matmul_flops_per_s, time_call
+from mb2po_jax.termination import hopper_termination
+
+
+def init_tanh_gaussian_policy(
+    key: jax.Array, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256, 256)
+) -> list[dict[str, jax.Array]]:
+    """A stand-in for the agent's policy: MLP -> (mean, log_std) of a tanh-squashed Gaussian."""
+    sizes = [obs_dim, *hidden, 2 * act_dim]
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (i, o), jnp.float32) / np.sqrt(i), "b": jnp.zeros((o,), jnp.float32)}
+        for k, (i, o) in zip(keys, zip(sizes[:-1], sizes[1:]))
+    ]
+
+
+def tanh_gaussian_policy_fn(params: list[dict[str, jax.Array]], key: jax.Array, obs: jax.Array) -> jax.Array:
+    """(params, key, obs [B, o]) -> a ~ tanh(N(mu(s), sigma(s))) [B, a]."""
+    h = obs
+    for i, layer in enumerate(params):
+        h = h @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    mean, log_std = jnp.split(h, 2, axis=-1)
+    log_std = jnp.clip(log_std, -5.0, 2.0)
+    return jnp.tanh(mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype))
+
+
+def random_dynamics_state(
+    key: jax.Array, obs_dim: int, act_dim: int, config: dyn.DynamicsConfig
+) -> dyn.DynamicsState:
+    k_data, k_init = jax.random.split(key)
+    inputs = jax.random.normal(k_data, (1024, obs_dim + act_dim), jnp.float32)
+    state = dyn.init_dynamics(k_init, obs_dim, act_dim, config, inputs)
+    # A trained ensemble's stds are small; random init gives O(1) means, harmless for timing.
+    return state
+
+
+def run(
+    obs_dim: int = 11,
+    act_dim: int = 3,
+    steps: int = 1_000_000,
+    num_members: int = 7,
+    num_elites: int = 5,
+    horizon: int = 5,
+    chunk_size: int = ro.RolloutConfig.chunk_size,
+    penalty: str = "max_std",
+    use_elites: bool = True,
+    policy_hidden: tuple[int, ...] = (256, 256, 256),
+    min_time: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One iteration of `steps` imagined steps (steps // horizon start states), timed best-of (at least
+    3 calls, and `min_time` seconds). Termination uses the hopper rule; with random weights most
+    trajectories stop early but every step's matmuls still run (static shapes), so the work is the same."""
+    dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
+    rcfg = ro.RolloutConfig(horizon=horizon, penalty=penalty, use_elites=use_elites, chunk_size=chunk_size)
+    k_dyn, k_pi, k_obs, k_roll = jax.random.split(jax.random.PRNGKey(seed), 4)
+    dyn_state = random_dynamics_state(k_dyn, obs_dim, act_dim, dcfg)
+    policy_params = init_tanh_gaussian_policy(k_pi, obs_dim, act_dim, policy_hidden)
+    num_starts = steps // horizon
+    start_obs = jax.random.normal(k_obs, (num_starts, obs_dim), jnp.float32)
+    fn = ro.make_rollout_fn(tanh_gaussian_policy_fn, hopper_termination, rcfg)
+
+    t0 = time.perf_counter()
+    block(fn(k_roll, policy_params, dyn_state, start_obs))
+    compile_and_first_s = time.perf_counter() - t0
+    seconds = time_call(lambda: fn(k_roll, policy_params, dyn_state, start_obs), min_time=min_time)
+
+    members = num_members if (penalty == "max_aleatoric" or not use_elites) else num_elites
+    sizes = dyn._layer_sizes(dcfg, obs_dim, act_dim)
+    flops_per_step = members * dense_flops(1, sizes) + dense_flops(1, [obs_dim, *policy_hidden, 2 * act_dim])
+    imagined = num_starts * horizon
+    rate = imagined / seconds
+    peak = matmul_flops_per_s()
+    return {
+        "benchmark": "rollout",
+        "imagined_steps_per_s": rate,
+        "flops_per_step": flops_per_step,
+        "matmul_flops_per_s": peak,
+        "fraction_of_matmul_peak": rate * flops_per_step / peak,
+        "seconds_per_iteration": seconds * steps / imagined,
+        "imagined_steps": imagined,
+        "members_evaluated": members,
+        "chunk_size": chunk_size,
+        "horizon": horizon,
+        "penalty": penalty,
+        "compile_and_first_call_s": compile_and_first_s,
+        "device": str(jax.devices()[0]),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    kwargs = dict(a.split("=", 1) for a in sys.argv[1:])
+    print(json.dumps(run(**{k: int(v) if v.lstrip("-").isdigit() else v for k, v in kwargs.items()})))

@@ -1,0 +1,239 @@
+"""Imagined rollouts in the conservative model MDP (paper section 4.3, Algorithm 1, inner loops).
+
+From each start state the current policy acts for `horizon` steps; at every step every trajectory draws an
+ensemble member uniformly (among the elites by default), samples (s', r) from that member's Gaussian, and
+gets the penalised reward r~ = r - lambda * u(s, a). Trajectories stop at predicted termination: a
+trajectory that terminates at step k (1-based) yields exactly k valid rows, the k-th with terminal=1; later
+rows are computed (static shapes) but flagged `valid=False` and never reach a buffer.
+
+Uncertainty u(s, a), over the set M of members the rollout draws from (the elites when use_elites=True,
+else all members), sigma_i = predicted std over the obs_dim + 1 target dims [s' - s, r]:
+- "max_std" (default; the paper's max_i ||Sigma_i(s, a)||_F as SPEC reads it, "largest predicted standard
+  deviation"): u = max_{i in M} ||sigma_i||_2.
+- "max_aleatoric" (MOPO's `penalty_learned_var=True`, exactly): the same norm, but the max runs over ALL
+  members, elites or not (MOPO predicts with all 7 networks and samples only from the elites). Costs the
+  forward pass of the non-elite members too.
+- "ensemble_disagreement" (MOPO's `penalty_learned_var=False`): u = max_{i in M} ||mu_i^obs - mean_j
+  mu_j^obs||_2 over the next-observation dims only, the distance of each member's mean next state from the
+  ensemble average.
+
+Speed (SPEC section 4: ~2 MFLOP per imagined step, the matmuls are the floor): every step evaluates the
+members in M with one batched matmul per layer (`dynamics.ensemble_mean_var` on the shared [C, in]); all of
+M's outputs are needed anyway for the penalty, so the drawn member's mean/std are picked with a one-hot
+select over the (tiny) [|M|, C, d] output, not a gather, and only the drawn member's Gaussian is sampled.
+Start states are processed in chunks of `chunk_size` trajectories (`lax.map` over chunks, `lax.scan` over
+the horizon inside), so activation memory is bounded by the chunk and 1M imagined steps are one compiled
+call.
+
+Trajectories whose prediction is not finite (state, reward or uncertainty) are stopped and that row is
+invalid, so no NaN/inf can reach the buffer. After a stop, a trajectory keeps its last valid state so the
+(masked) remaining steps stay finite.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mb2po_jax import dynamics as dyn
+from mb2po_jax.errors import ConfigError
+from mb2po_jax.termination import TerminationFn
+
+PolicyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, key, obs [B,o]) -> act [B,a]
+
+_LAYOUT = "batched"  # experiment hook
+PENALTIES = ("max_std", "max_aleatoric", "ensemble_disagreement")
+
+
+class RolloutBatch(struct.PyTreeNode):
+    """Imagined transitions, N = horizon * num_starts rows, row t * num_starts + b = step t of start b."""
+
+    observations: jax.Array  # [N, o]
+    actions: jax.Array  # [N, a]
+    rewards: jax.Array  # [N] penalised: r - lambda * u
+    next_observations: jax.Array  # [N, o]
+    terminals: jax.Array  # [N] bool, predicted termination (only meaningful where valid)
+    valid: jax.Array  # [N] bool, False after a trajectory stopped (never store or sample these)
+    uncertainty: jax.Array  # [N] u(s, a) before multiplying by lambda
+
+    @property
+    def num_rows(self) -> int:
+        return self.valid.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Paper: h and lambda per task (MOPO's table, SPEC section 4); 1M imagined steps per iteration."""
+
+    horizon: int = 5
+    penalty_coef: float = 1.0
+    penalty: str = "max_std"
+    use_elites: bool = True
+    # Trajectories per chunk: bounds activation memory (|M| * chunk * 200 floats per layer) and sets the
+    # matmul shape; see bench/rollout.py for the measurement behind the default.
+    chunk_size: int = 4096
+
+    def __post_init__(self):
+        if self.penalty not in PENALTIES:
+            raise ConfigError(f"rollout: penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        if self.horizon < 1 or self.chunk_size < 1:
+            raise ConfigError(
+                f"rollout: horizon and chunk_size must be >= 1, got {self.horizon}, {self.chunk_size}"
+            )
+
+
+def sample_start_states(key: jax.Array, observations: jax.Array, num_starts: int) -> jax.Array:
+    """Uniform draws (with replacement) from the dataset's observations [N, o] -> [num_starts, o]."""
+    idx = jax.random.randint(key, (num_starts,), 0, observations.shape[0])
+    return observations[idx]
+
+
+def _member_sets(dyn_state: dyn.DynamicsState, config: RolloutConfig):
+    """(members evaluated F [|F|] int32, positions within F that trajectories draw from [|M|] int32)."""
+    e = dyn_state.config.num_members
+    if not config.use_elites:
+        everyone = jnp.arange(e, dtype=jnp.int32)
+        return everyone, everyone
+    if config.penalty == "max_aleatoric":
+        # MOPO: penalty over all members, draws from the elites.
+        return jnp.arange(e, dtype=jnp.int32), dyn_state.elites
+    return dyn_state.elites, jnp.arange(dyn_state.elites.shape[0], dtype=jnp.int32)
+
+
+def _uncertainty(mean: jax.Array, var: jax.Array, obs_dim: int, penalty: str) -> jax.Array:
+    """mean, var: [|F|, C, d] over the members the penalty runs over -> u [C]."""
+    if penalty == "ensemble_disagreement":
+        mu = mean[..., :obs_dim]  # the added obs is common to all members, it cancels
+        return jnp.max(jnp.linalg.norm(mu - jnp.mean(mu, axis=0), axis=-1), axis=0)
+    # max_std / max_aleatoric: max_i ||sigma_i||_2 = sqrt(max_i sum_d var_i,d)
+    return jnp.sqrt(jnp.max(jnp.sum(var, axis=-1), axis=0))
+
+
+def _rollout_chunk(
+    key: jax.Array,
+    policy_params: Any,
+    dyn_state: dyn.DynamicsState,
+    start_obs: jax.Array,
+    start_alive: jax.Array,
+    *,
+    policy_fn: PolicyFn,
+    termination_fn: TerminationFn,
+    config: RolloutConfig,
+):
+    """One chunk: start_obs [C, o], start_alive [C] bool -> per-step arrays [horizon, C, ...]."""
+    obs_dim = dyn_state.obs_dim
+    members, draw_pos = _member_sets(dyn_state, config)
+    params = dyn.take_members(dyn_state.params, members)  # [|F|, ...]
+    num_f, num_draw = members.shape[0], draw_pos.shape[0]
+    lam = config.penalty_coef
+
+    def step(carry, step_key):
+        obs, alive = carry  # [C, o], [C]
+        k_pi, k_member, k_noise = jax.random.split(step_key, 3)
+        act = policy_fn(policy_params, k_pi, obs)  # [C, a]
+        x = dyn.normalize_inputs(dyn_state, obs, act)  # [C, in]
+        mean, var = dyn.ensemble_mean_var(params, x, _LAYOUT)  # [|F|, C, d]
+        u = _uncertainty(mean, var, obs_dim, config.penalty)  # [C]
+        # Algorithm 1: "uniformly sample T from {T_i}" per trajectory and step.
+        drawn = draw_pos[jax.random.randint(k_member, obs.shape[:1], 0, num_draw)]  # [C] in [0, |F|)
+        onehot = (drawn[None, :] == jnp.arange(num_f)[:, None])[..., None]  # [|F|, C, 1]
+        mean_k = jnp.sum(jnp.where(onehot, mean, 0.0), axis=0)  # [C, d]
+        std_k = jnp.sqrt(jnp.sum(jnp.where(onehot, var, 0.0), axis=0))
+        y = mean_k + std_k * jax.random.normal(k_noise, mean_k.shape, mean_k.dtype)
+        next_obs, reward = obs + y[:, :obs_dim], y[:, obs_dim]
+        finite = jnp.all(jnp.isfinite(next_obs), axis=-1) & jnp.isfinite(reward) & jnp.isfinite(u)
+        valid = alive & finite
+        done = termination_fn(obs, act, next_obs) & valid
+        alive_next = valid & ~done
+        out = (obs, act, reward - lam * u, next_obs, done, valid, u, reward, alive & ~finite)
+        # Stopped trajectories keep their last valid state so the masked steps stay finite.
+        obs = jnp.where(alive_next[:, None], next_obs, obs)
+        return (obs, alive_next), out
+
+    keys = jax.random.split(key, config.horizon)
+    _, outs = jax.lax.scan(step, (start_obs, start_alive), keys)
+    return outs
+
+
+def rollout(
+    key: jax.Array,
+    policy_params: Any,
+    dyn_state: dyn.DynamicsState,
+    start_obs: jax.Array,
+    *,
+    policy_fn: PolicyFn,
+    termination_fn: TerminationFn,
+    config: RolloutConfig = RolloutConfig(),
+) -> tuple[RolloutBatch, dict[str, jax.Array]]:
+    """Pure, jittable (close over / mark static everything after `start_obs`).
+
+    start_obs: [B, o]. Returns (RolloutBatch with horizon * B rows, metrics). Metrics (scalars):
+    `mean_raw_reward`, `mean_penalty` (lambda * u), `mean_uncertainty` (averages over valid rows),
+    `fraction_terminated` (of the B trajectories), `num_valid`, `num_nonfinite` (rows dropped for a
+    non-finite prediction).
+    """
+    chex.assert_rank(start_obs, 2)
+    chex.assert_shape(start_obs, (None, dyn_state.obs_dim))
+    b = start_obs.shape[0]
+    c = min(config.chunk_size, b)
+    num_chunks = -(-b // c)
+    pad = num_chunks * c - b
+    # Padding trajectories start stopped: they produce only invalid rows.
+    alive = jnp.arange(num_chunks * c) < b
+    start_obs = jnp.concatenate([start_obs, jnp.broadcast_to(start_obs[:1], (pad, start_obs.shape[1]))])
+    chunk_fn = lambda args: _rollout_chunk(
+        args[0], policy_params, dyn_state, args[1], args[2],
+        policy_fn=policy_fn, termination_fn=termination_fn, config=config,
+    )
+    outs = jax.lax.map(
+        chunk_fn,
+        (
+            jax.random.split(key, num_chunks),
+            start_obs.reshape(num_chunks, c, -1),
+            alive.reshape(num_chunks, c),
+        ),
+    )  # each [num_chunks, horizon, C, ...]
+
+    def time_major(x):  # [num_chunks, h, C, ...] -> [h * B, ...], row t * B + b
+        x = jnp.swapaxes(x, 0, 1).reshape((config.horizon, num_chunks * c) + x.shape[3:])
+        return x[:, :b].reshape((config.horizon * b,) + x.shape[2:])
+
+    obs, act, rew, next_obs, done, valid, u, raw_rew, nonfinite = (time_major(x) for x in outs)
+    batch = RolloutBatch(
+        observations=obs, actions=act, rewards=rew, next_observations=next_obs,
+        terminals=done, valid=valid, uncertainty=u,
+    )
+    num_valid = jnp.sum(valid)
+    denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
+    vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / denom
+    metrics = {
+        "mean_raw_reward": vmean(raw_rew),
+        "mean_penalty": vmean(config.penalty_coef * u),
+        "mean_uncertainty": vmean(u),
+        "fraction_terminated": jnp.sum(done) / b,
+        "num_valid": num_valid,
+        "num_nonfinite": jnp.sum(nonfinite),
+    }
+    return batch, metrics
+
+
+def make_rollout_fn(
+    policy_fn: PolicyFn,
+    termination_fn: TerminationFn,
+    config: RolloutConfig = RolloutConfig(),
+) -> Callable[[jax.Array, Any, dyn.DynamicsState, jax.Array], tuple[RolloutBatch, dict[str, jax.Array]]]:
+    """Jitted `fn(key, policy_params, dyn_state, start_obs [B, o]) -> (RolloutBatch, metrics)`; B is
+    chunked by `config.chunk_size`, so 1M imagined steps (B = 1M / horizon) is one call with memory bounded
+    by the chunk plus the output."""
+
+    def fn(key, policy_params, dyn_state, start_obs):
+        return rollout(
+            key, policy_params, dyn_state, start_obs,
+            policy_fn=policy_fn, termination_fn=termination_fn, config=config,
+        )
+
+    return jax.jit(fn)

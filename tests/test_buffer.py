@@ -1,0 +1,107 @@
+"""Model-buffer ring: keeps exactly the last n iterations, samples only valid filled rows, exact omega."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mb2po_jax import buffer as mb
+from mb2po_jax.errors import ConfigError
+from mb2po_jax.rollout import RolloutBatch
+
+OBS, ACT, ROWS = 2, 1, 10
+
+
+def marked_batch(iteration, valid):
+    """Rows whose observation says (iteration, row index); invalid rows carry a poison value."""
+    rows = np.arange(ROWS)
+    obs = np.stack([np.full(ROWS, iteration), rows], axis=1).astype(np.float32)
+    obs[~valid] = -999.0
+    return RolloutBatch(
+        observations=jnp.asarray(obs),
+        actions=jnp.full((ROWS, ACT), iteration, jnp.float32),
+        rewards=jnp.asarray(rows + 100.0 * iteration, jnp.float32),
+        next_observations=jnp.asarray(obs + 0.5),
+        terminals=jnp.asarray(rows % 3 == 0),
+        valid=jnp.asarray(valid),
+        uncertainty=jnp.zeros(ROWS, jnp.float32),
+    )
+
+
+def fill(num_slots, num_iterations, seed=0):
+    rng = np.random.default_rng(seed)
+    cfg = mb.BufferConfig(obs_dim=OBS, act_dim=ACT, num_slots=num_slots, rows_per_slot=ROWS)
+    buf = mb.init_buffer(cfg)
+    add = jax.jit(mb.add_rollout, donate_argnums=0)
+    masks = {}
+    for it in range(num_iterations):
+        valid = rng.random(ROWS) < 0.6
+        valid[it % ROWS] = True  # never empty
+        masks[it] = valid
+        buf = add(buf, marked_batch(it, valid))
+    return buf, masks
+
+
+def test_ring_keeps_exactly_the_last_n_iterations():
+    n, m = 3, 4
+    buf, masks = fill(n, n + m)
+    assert int(buf.num_written) == n + m and int(buf.write_index) == (n + m) % n
+    counts = np.asarray(buf.counts)
+    stored = {int(x) for slot in range(n) for x in np.asarray(buf.observations[slot, : counts[slot], 0])}
+    assert stored == {4, 5, 6}
+    assert int(mb.num_valid(buf)) == sum(masks[it].sum() for it in (4, 5, 6))
+    # Each slot holds its iteration's valid rows compacted to the front, zeros after.
+    for slot in range(n):
+        it = int(buf.observations[slot, 0, 0])
+        count = int(buf.counts[slot])
+        np.testing.assert_array_equal(np.asarray(buf.observations[slot, :count, 1]), np.flatnonzero(masks[it]))
+        assert not np.asarray(buf.observations[slot, count:]).any()
+
+
+def test_sampling_is_uniform_over_valid_filled_rows_only():
+    buf, masks = fill(4, 2)  # two of four slots filled
+    s = jax.jit(mb.sample, static_argnums=2)(buf, jax.random.PRNGKey(0), 20000)
+    it = np.asarray(s["observations"][:, 0]).astype(int)
+    row = np.asarray(s["observations"][:, 1]).astype(int)
+    assert set(it) <= {0, 1} and (s["observations"] >= 0).all()  # no unfilled slot, no poison row
+    assert all(masks[i][r] for i, r in zip(it, row))  # only rows that were valid
+    # The fields of a sampled row stay together.
+    np.testing.assert_allclose(np.asarray(s["rewards"]), row + 100.0 * it)
+    np.testing.assert_allclose(np.asarray(s["next_observations"]), np.asarray(s["observations"]) + 0.5)
+    np.testing.assert_array_equal(np.asarray(s["terminals"]), (row % 3 == 0).astype(np.float32))
+    # Uniform over the individual valid rows (not over slots): chi-square over every valid row.
+    keys = it * ROWS + row
+    valid_keys = [i * ROWS + r for i in (0, 1) for r in np.flatnonzero(masks[i])]
+    counts = np.array([np.sum(keys == k) for k in valid_keys])
+    expected = len(keys) / len(valid_keys)
+    chi2 = np.sum((counts - expected) ** 2 / expected)
+    assert chi2 < len(valid_keys) + 5 * np.sqrt(2 * len(valid_keys)), chi2
+
+
+def test_mixed_batch_takes_exactly_omega_from_the_dataset():
+    buf, _ = fill(2, 2)
+    dataset = {
+        "observations": -np.ones((50, OBS), np.float32) * 7,
+        "actions": np.zeros((50, ACT), np.float32),
+        "rewards": np.zeros(50, np.float32),
+        "next_observations": np.zeros((50, OBS), np.float32),
+        "terminals": np.zeros(50, np.float32),
+    }
+    dataset = jax.tree_util.tree_map(jnp.asarray, dataset)
+    for batch_size, omega in [(256, 0.05), (256, 0.0), (256, 1.0), (100, 0.5), (7, 0.3)]:
+        mixed = jax.jit(mb.mixed_batch, static_argnums=(3, 4))(
+            jax.random.PRNGKey(1), dataset, buf, batch_size, omega
+        )
+        from_data = int(np.sum(np.asarray(mixed["observations"][:, 0]) == -7))
+        assert from_data == round(omega * batch_size)
+        assert mixed["observations"].shape == (batch_size, OBS) and mixed["rewards"].shape == (batch_size,)
+    assert mb.num_real(256, 0.05) == 13
+
+
+def test_footprint_and_fit_check():
+    cfg = mb.BufferConfig(obs_dim=11, act_dim=3, num_slots=100, rows_per_slot=1_000_000)
+    assert mb.buffer_bytes(cfg) == 100 * 1_000_000 * ((2 * 11 + 3 + 1) * 4 + 1) + 4 * 100 + 8
+    assert mb.check_buffer_fits(cfg, 80 * 2**30) == mb.buffer_bytes(cfg)
+    with pytest.raises(ConfigError, match=r"model buffer needs 9\.78 GiB \(100 iterations"):
+        mb.check_buffer_fits(cfg, 8 * 2**30)
+    half = mb.BufferConfig(obs_dim=11, act_dim=3, num_slots=100, rows_per_slot=1_000_000, dtype="bfloat16")
+    assert mb.buffer_bytes(half) < 0.6 * mb.buffer_bytes(cfg)

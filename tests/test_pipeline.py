@@ -1,0 +1,143 @@
+"""mb2po-train end to end on tiny D4RL-layout files: outputs, resume equivalence, SIGTERM, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mb2po_jax import config as config_lib
+from mb2po_jax import pipeline
+from mb2po_jax.checkpoint import Checkpointer
+from mb2po_jax.data import write_d4rl_hdf5
+
+TINY = ["--actor_hidden_dims=32,32", "--critic_hidden_dims=32,32", "--batch_size=32",
+        "--eval_episodes=1", "--max_episode_steps=30"]
+
+
+def _write_hopper_file(path, n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n, 11)).astype(np.float32)
+    obs[:, 0] += 1.25  # a plausible hopper height
+    terminals = np.zeros(n, bool)
+    timeouts = np.zeros(n, bool)
+    timeouts[199::200] = True
+    write_d4rl_hdf5(path, {
+        "observations": obs,
+        "actions": rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "next_observations": (obs + 0.01 * rng.normal(size=obs.shape)).astype(np.float32),
+        "terminals": terminals,
+        "timeouts": timeouts,
+    }, {"env_id": "Hopper-v5"})
+    return str(path)
+
+
+def _train(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "mb2po_jax.train", *args], capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def _final_state(workdir, cfg, dataset_path):
+    run = pipeline.Run(str(workdir), dataset_path, None, cfg)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "awac"))
+    state, meta = ckpt.restore(run.init_awac())
+    ckpt.close()
+    return state, meta
+
+
+def test_cli_writes_documented_outputs(tmp_path):
+    data = _write_hopper_file(tmp_path / "tiny.hdf5")
+    workdir = tmp_path / "run"
+    out = _train(["--dataset", data, "--workdir", str(workdir), "--preset=smoke", "--awac_steps=20",
+                  "--steps_per_call=10", "--eval_every=10", "--checkpoint_every=10", "--num_seeds=2",
+                  *TINY])
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {"stage", "step"} <= set(lines[0])
+    evals = [r for r in lines if "return" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(len(r["return"]) == 2 and len(r["normalized_score"]) == 2 for r in evals)
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["num_seeds"] == 2 and results["env"] == "Hopper-v5"
+    assert set(results["final"]["awac"]) >= {"return", "normalized_score"}
+    assert len(results["final"]["awac"]["return"]) == 2
+    assert results["final"]["awac"]["return"] == evals[-1]["return"]
+    assert list((workdir / "tensorboard").iterdir()), "no TensorBoard event file"
+    assert json.loads(out.stdout.strip().splitlines()[-1])["final"]["awac"]["return"]
+
+
+def test_sigterm_then_rerun_equals_uninterrupted(tmp_path):
+    data = _write_hopper_file(tmp_path / "tiny.hdf5")
+    common = ["--dataset", data, "--preset=smoke", "--awac_steps=400", "--steps_per_call=10",
+              "--eval_every=400", "--checkpoint_every=400", *TINY]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert _train([*common, "--workdir", str(straight)]).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "mb2po_jax.train", *common,
+                             "--workdir", str(interrupted)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stopped at step" in err
+    assert not (interrupted / "results.json").exists(), "an interrupted run must not look complete"
+    ckpt = Checkpointer(interrupted / "checkpoints" / "awac")
+    stopped_at = ckpt.latest_step()
+    ckpt.close()
+    assert stopped_at is not None and 0 < stopped_at < 400
+
+    resumed = _train([*common, "--workdir", str(interrupted)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {stopped_at}" in resumed.stderr
+
+    cfg = config_lib.make_config("smoke", dict(awac_steps=400, steps_per_call=10, eval_every=400,
+                                               checkpoint_every=400, actor_hidden_dims=(32, 32),
+                                               critic_hidden_dims=(32, 32), batch_size=32,
+                                               eval_episodes=1, max_episode_steps=30))
+    a, meta_a = _final_state(straight, cfg, data)
+    b, meta_b = _final_state(interrupted, cfg, data)
+    assert int(a.step[0]) == int(b.step[0]) == 400
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert meta_a["final"] == meta_b["final"]
+    steps = [json.loads(l)["step"] for l in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # train lines + 1 eval line
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    data = _write_hopper_file(tmp_path / "tiny.hdf5")
+    workdir = str(tmp_path / "run")
+    cfg = config_lib.make_config("smoke", dict(awac_steps=10, steps_per_call=10, eval_every=10,
+                                               checkpoint_every=10))
+    pipeline.Run(workdir, data, None, cfg)
+    other = config_lib.make_config("smoke", dict(awac_steps=10, steps_per_call=10, eval_every=10,
+                                                 checkpoint_every=10, temperature=0.5))
+    with pytest.raises(Exception, match="temperature"):
+        pipeline.Run(workdir, data, None, other)
+
+
+@pytest.mark.parametrize("problem", ["missing", "nan"])
+def test_bad_dataset_exits_nonzero_with_one_line(tmp_path, problem):
+    path = tmp_path / "bad.hdf5"
+    if problem == "nan":
+        _write_hopper_file(path)
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            f["rewards"][7] = np.nan
+    workdir = tmp_path / "run"
+    out = _train(["--dataset", str(path), "--workdir", str(workdir), *TINY])
+    assert out.returncode != 0
+    error_lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(error_lines) == 1 and "bad.hdf5" in error_lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (workdir / "results.json").exists()

@@ -1,0 +1,159 @@
+"""Rollout engine on hand-built ensembles whose every output is known."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mb2po_jax import dynamics as dyn
+from mb2po_jax import rollout as ro
+from mb2po_jax.bench.rollout import init_tanh_gaussian_policy, tanh_gaussian_policy_fn
+from mb2po_jax.termination import never_terminate
+
+OBS, ACT = 2, 1
+D = OBS + 1
+
+
+def hand_state(means, raw_logvar, elites, min_logvar=-10.0, max_logvar=0.5):
+    """Ensemble whose member e outputs mean[e] (delta_obs, r) and raw log-variance raw_logvar[e] for every
+    input: all weights zero, so only the last layer's bias matters (swish(0) = 0)."""
+    means, raw_logvar = np.asarray(means, np.float32), np.asarray(raw_logvar, np.float32)
+    e = means.shape[0]
+    cfg = dyn.DynamicsConfig(num_members=e, num_elites=len(elites), hidden_dims=(8,), weight_decay=(0.0, 0.0))
+    state = dyn.init_dynamics(jax.random.PRNGKey(0), OBS, ACT, cfg, jnp.ones((4, OBS + ACT)))
+    params = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    params["layers"][-1]["b"] = jnp.asarray(np.concatenate([means, raw_logvar], -1)[:, None, :])
+    params["max_logvar"] = jnp.full((e, 1, D), max_logvar, jnp.float32)
+    params["min_logvar"] = jnp.broadcast_to(jnp.asarray(min_logvar, jnp.float32), (e, 1, D))
+    return state.replace(params=params, elites=jnp.asarray(elites, jnp.int32))
+
+
+def zero_policy(params, key, obs):
+    return jnp.zeros((obs.shape[0], ACT))
+
+
+def np_var(raw, mx=0.5, mn=-10.0):
+    """MBPO's soft clamp written out independently (two softplus), then exp."""
+    softplus = lambda z: np.logaddexp(z, 0.0)
+    lv = mx - softplus(mx - raw)
+    lv = mn + softplus(lv - mn)
+    return np.exp(lv)
+
+
+RAW = np.array([[-2.0, 0.3, -1.0], [3.0, 3.0, 3.0], [-0.5, -4.0, 1.0], [-8.0, -8.0, -8.0]])
+MEANS = np.array([[0.1, -0.2, 1.0], [0.9, 0.9, 1.0], [-0.3, 0.4, 1.0], [0.0, 0.05, 1.0]])
+ELITES = [2, 0, 3]  # member 1 (largest std, farthest mean) is not an elite
+
+
+@pytest.mark.parametrize("penalty", ["max_std", "max_aleatoric", "ensemble_disagreement"])
+def test_penalty_equals_hand_computed_value(penalty):
+    raw = RAW.copy()
+    raw[:, OBS] = -200.0  # reward variance at the floor: the drawn reward is its mean (1.0)
+    min_lv = np.array([-10.0, -10.0, -60.0])
+    state = hand_state(MEANS, raw, ELITES, min_logvar=min_lv)
+    var = np.exp(min_lv) + np.exp(0.5) / (1 + np.exp(0.5 - raw))  # = np_var with the per-dim floor
+    np.testing.assert_allclose(var[:, :OBS], np_var(raw[:, :OBS]), rtol=1e-6)
+    if penalty == "max_std":
+        u = np.sqrt(var[ELITES].sum(-1)).max()
+    elif penalty == "max_aleatoric":  # MOPO: over all members, elites or not
+        u = np.sqrt(var.sum(-1)).max()
+    else:
+        mu = MEANS[ELITES, :OBS]
+        u = np.linalg.norm(mu - mu.mean(0), axis=-1).max()
+    lam = 2.5
+    cfg = ro.RolloutConfig(horizon=2, penalty_coef=lam, penalty=penalty, chunk_size=64)
+    batch, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
+        jax.random.PRNGKey(1), None, state, jnp.zeros((16, OBS))
+    )
+    np.testing.assert_allclose(np.asarray(batch.uncertainty), u, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(batch.rewards), 1.0 - lam * u, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["mean_penalty"]), lam * u, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["mean_raw_reward"]), 1.0, rtol=1e-5)
+
+
+def test_trajectory_terminating_at_step_k_yields_k_valid_rows():
+    # Every member moves x by +1 per step (no noise); terminate once x > 0. Start x0 = 0.5 - k stops at
+    # step k exactly. B = 13 with chunks of 5 also exercises the padded last chunk.
+    raw = np.full((2, D), -200.0)
+    state = hand_state([[1.0, 0.0, 0.5], [1.0, 0.0, 0.5]], raw, [0, 1], min_logvar=-60.0)
+    h = 4
+    k = np.array([1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 4, 3, 2])
+    b = len(k)
+    start = np.stack([0.5 - k, np.arange(b)], axis=1).astype(np.float32)
+    stop_at_positive_x = lambda obs, act, next_obs: next_obs[:, 0] > 0
+    cfg = ro.RolloutConfig(horizon=h, penalty_coef=0.0, chunk_size=5)
+    batch, metrics = ro.make_rollout_fn(zero_policy, stop_at_positive_x, cfg)(
+        jax.random.PRNGKey(0), None, state, jnp.asarray(start)
+    )
+    assert batch.observations.shape == (h * b, OBS) and batch.valid.shape == (h * b,)
+    valid = np.asarray(batch.valid).reshape(h, b)  # row t * B + b
+    done = np.asarray(batch.terminals).reshape(h, b)
+    obs = np.asarray(batch.observations).reshape(h, b, OBS)
+    next_obs = np.asarray(batch.next_observations).reshape(h, b, OBS)
+    np.testing.assert_array_equal(valid.sum(0), np.minimum(k, h))
+    for j in range(b):
+        np.testing.assert_array_equal(valid[:, j], np.arange(h) < k[j])  # a prefix, then nothing
+        expected_done = np.zeros(h, bool)
+        if k[j] <= h:
+            expected_done[k[j] - 1] = True  # the terminating transition itself is valid, done=1
+        np.testing.assert_array_equal(done[:, j], expected_done)
+        n = min(k[j], h)
+        np.testing.assert_allclose(obs[:n, j, 1], j)  # rows belong to trajectory j
+        np.testing.assert_allclose(next_obs[: n - 1, j], obs[1:n, j])  # s'_t = s_{t+1}
+    assert int(metrics["num_valid"]) == np.minimum(k, h).sum()
+    np.testing.assert_allclose(float(metrics["fraction_terminated"]), np.mean(k <= h))
+
+
+@pytest.mark.parametrize("penalty, use_elites", [("max_std", True), ("max_aleatoric", True),
+                                                 ("max_std", False)])
+def test_member_choice_is_uniform_over_elites(penalty, use_elites):
+    e = 5
+    means = np.zeros((e, D))
+    means[:, 0] = np.arange(e)  # member i moves x by exactly i
+    state = hand_state(means, np.full((e, D), -200.0), [4, 0, 2], min_logvar=-60.0)
+    b = 6000
+    cfg = ro.RolloutConfig(horizon=1, penalty=penalty, use_elites=use_elites, chunk_size=1024)
+    batch, _ = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
+        jax.random.PRNGKey(3), None, state, jnp.zeros((b, OBS))
+    )
+    assert batch.valid.shape == (b,) and bool(batch.valid.all())
+    chosen = np.rint(np.asarray(batch.next_observations[:, 0])).astype(int)
+    allowed = [0, 2, 4] if use_elites else list(range(e))
+    counts = np.bincount(chosen, minlength=e)
+    assert set(np.flatnonzero(counts)) == set(allowed)
+    expected = b / len(allowed)
+    chi2 = np.sum((counts[allowed] - expected) ** 2 / expected)
+    assert chi2 < {2: 13.8, 4: 18.5}[len(allowed) - 1]  # p = 0.001
+
+
+def test_non_finite_predictions_never_become_valid_rows():
+    means = np.array([[0.1, 0.0, 1.0], [np.inf, 0.0, 1.0]])  # member 1 blows up
+    state = hand_state(means, np.full((2, D), -3.0), [0, 1])
+    h, b = 5, 200
+    cfg = ro.RolloutConfig(horizon=h, chunk_size=64)
+    batch, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
+        jax.random.PRNGKey(0), None, state, jnp.zeros((b, OBS))
+    )
+    valid = np.asarray(batch.valid).reshape(h, b)
+    assert 0 < valid.sum() < h * b
+    assert np.all(np.cumprod(valid, axis=0) == valid)  # once stopped, stopped
+    assert np.isfinite(np.asarray(batch.next_observations)[np.asarray(batch.valid)]).all()
+    assert np.isfinite(np.asarray(batch.rewards)[np.asarray(batch.valid)]).all()
+    assert int(metrics["num_nonfinite"]) == b - valid[-1].sum()
+
+
+def test_real_networks_and_policy_shapes_and_counts():
+    """Random 2-layer ensemble + tanh-Gaussian policy: exact row count, actions in [-1, 1], and the whole
+    run is deterministic given the key."""
+    cfg = dyn.DynamicsConfig(num_members=3, num_elites=2, hidden_dims=(16, 16), weight_decay=(0.0,) * 3)
+    state = dyn.init_dynamics(jax.random.PRNGKey(0), OBS, ACT, cfg, jax.random.normal(jax.random.PRNGKey(1),
+                                                                                     (64, OBS + ACT)))
+    policy = init_tanh_gaussian_policy(jax.random.PRNGKey(2), OBS, ACT, hidden=(16,))
+    start = jax.random.normal(jax.random.PRNGKey(3), (50, OBS))
+    fn = ro.make_rollout_fn(tanh_gaussian_policy_fn, never_terminate, ro.RolloutConfig(horizon=3, chunk_size=16))
+    batch, metrics = fn(jax.random.PRNGKey(4), policy, state, start)
+    again, _ = fn(jax.random.PRNGKey(4), policy, state, start)
+    assert batch.num_rows == 150 and int(metrics["num_valid"]) == 150
+    np.testing.assert_array_equal(np.asarray(batch.observations[:50]), np.asarray(start))
+    assert np.all(np.abs(np.asarray(batch.actions)) <= 1.0)
+    np.testing.assert_array_equal(np.asarray(batch.rewards), np.asarray(again.rewards))
+    assert batch.rewards.dtype == jnp.float32 and batch.terminals.dtype == jnp.bool_
