@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mb2po_jax import rollout as ro
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.rollout import RolloutBatch
 
@@ -45,7 +46,8 @@ class BufferConfig:
     def __post_init__(self):
         if self.num_slots < 1 or self.rows_per_slot < 1:
             raise ConfigError(
-                f"buffer: num_slots and rows_per_slot must be >= 1, got {self.num_slots}, {self.rows_per_slot}"
+                f"buffer: num_slots and rows_per_slot must be >= 1, got {self.num_slots}, "
+                f"{self.rows_per_slot}"
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"buffer: dtype must be float32 or bfloat16, got {self.dtype!r}")
@@ -132,6 +134,32 @@ def add_rollout(buffer: ModelBuffer, batch: RolloutBatch) -> ModelBuffer:
         write_index=(slot + 1) % buffer.num_slots,
         num_written=buffer.num_written + 1,
     )
+
+
+def make_collect_fn(
+    policy_fn: ro.PolicyFn,
+    termination_fn: Any,
+    rollout_config: ro.RolloutConfig,
+    num_starts: int,
+):
+    """Algorithm 1's data collection for one iteration as ONE compiled call: sample `num_starts` start
+    states from D_beta, roll the policy out in the model, write the valid rows into the ring.
+
+    Returns jitted `collect(key, policy_params, dyn_state, dataset_observations [N, o], buffer)
+    -> (buffer, rollout metrics)`, with the buffer donated (updated in place; do not reuse the argument).
+    The buffer's rows_per_slot must equal horizon * num_starts.
+    """
+
+    def collect(key, policy_params, dyn_state, dataset_observations, buffer):
+        k_start, k_roll = jax.random.split(key)
+        start = ro.sample_start_states(k_start, dataset_observations, num_starts)
+        batch, metrics = ro.rollout(
+            k_roll, policy_params, dyn_state, start,
+            policy_fn=policy_fn, termination_fn=termination_fn, config=rollout_config,
+        )
+        return add_rollout(buffer, batch), metrics
+
+    return jax.jit(collect, donate_argnums=4)
 
 
 def num_valid(buffer: ModelBuffer) -> jax.Array:

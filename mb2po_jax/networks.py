@@ -94,13 +94,34 @@ class GMMParams(nn.Module):
         return logits, means, log_stds
 
 
+class _TanhInside(distrax.Tanh):
+    """tanh whose outputs stay in [-1 + ACTION_EPS, 1 - ACTION_EPS], in both directions.
+
+    In float32 tanh(x) rounds to exactly +-1 for |x| > ~9, which std up to e^2 makes common: such a sample's
+    log-prob was atanh(1) = inf, and critics saw actions that clipped dataset actions never are. The
+    log-determinant is tanh's at the unclipped x, so densities strictly inside are unchanged.
+    """
+
+    def forward_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        y, log_det = super().forward_and_log_det(x)
+        return jnp.clip(y, -1.0 + ACTION_EPS, 1.0 - ACTION_EPS), log_det
+
+    def inverse_and_log_det(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return super().inverse_and_log_det(jnp.clip(y, -1.0 + ACTION_EPS, 1.0 - ACTION_EPS))
+
+    def same_as(self, other: distrax.Bijector) -> bool:
+        return type(other) is _TanhInside
+
+
 def tanh_gmm(logits: jax.Array, means: jax.Array, log_stds: jax.Array) -> distrax.Distribution:
-    """tanh-squashed Gaussian mixture: logits [..., K], means/log_stds [..., K, A] -> dist over [..., A]."""
+    """tanh-squashed Gaussian mixture: logits [..., K], means/log_stds [..., K, A] -> dist over [..., A].
+
+    Samples lie strictly inside (-1, 1) (see `_TanhInside`)."""
     mixture = distrax.MixtureSameFamily(
         mixture_distribution=distrax.Categorical(logits=logits),
         components_distribution=distrax.MultivariateNormalDiag(means, jnp.exp(log_stds)),
     )
-    return distrax.Transformed(mixture, distrax.Block(distrax.Tanh(), ndims=1))
+    return distrax.Transformed(mixture, distrax.Block(_TanhInside(), ndims=1))
 
 
 def tanh_gmm_log_prob(logits, means, log_stds, actions: jax.Array) -> jax.Array:

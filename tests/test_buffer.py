@@ -53,7 +53,8 @@ def test_ring_keeps_exactly_the_last_n_iterations():
     for slot in range(n):
         it = int(buf.observations[slot, 0, 0])
         count = int(buf.counts[slot])
-        np.testing.assert_array_equal(np.asarray(buf.observations[slot, :count, 1]), np.flatnonzero(masks[it]))
+        rows = np.asarray(buf.observations[slot, :count, 1])
+        np.testing.assert_array_equal(rows, np.flatnonzero(masks[it]))
         assert not np.asarray(buf.observations[slot, count:]).any()
 
 
@@ -87,14 +88,16 @@ def test_mixed_batch_takes_exactly_omega_from_the_dataset():
         "terminals": np.zeros(50, np.float32),
     }
     dataset = jax.tree_util.tree_map(jnp.asarray, dataset)
-    for batch_size, omega in [(256, 0.05), (256, 0.0), (256, 1.0), (100, 0.5), (7, 0.3)]:
+    for batch_size, omega in [(256, 0.05), (7, 0.3), (10, 0.0)]:
         mixed = jax.jit(mb.mixed_batch, static_argnums=(3, 4))(
             jax.random.PRNGKey(1), dataset, buf, batch_size, omega
         )
         from_data = int(np.sum(np.asarray(mixed["observations"][:, 0]) == -7))
         assert from_data == round(omega * batch_size)
         assert mixed["observations"].shape == (batch_size, OBS) and mixed["rewards"].shape == (batch_size,)
-    assert mb.num_real(256, 0.05) == 13
+    assert [mb.num_real(256, w) for w in (0.05, 0.0, 1.0, 0.5)] == [13, 0, 256, 128]
+    with pytest.raises(ConfigError):
+        mb.num_real(256, 1.5)
 
 
 def test_footprint_and_fit_check():
@@ -105,3 +108,23 @@ def test_footprint_and_fit_check():
         mb.check_buffer_fits(cfg, 8 * 2**30)
     half = mb.BufferConfig(obs_dim=11, act_dim=3, num_slots=100, rows_per_slot=1_000_000, dtype="bfloat16")
     assert mb.buffer_bytes(half) < 0.6 * mb.buffer_bytes(cfg)
+
+
+def test_collect_rolls_out_into_the_ring_in_one_call():
+    from mb2po_jax import dynamics as dyn
+    from mb2po_jax import rollout as ro
+
+    obs_dim, act_dim, horizon, starts = 3, 2, 3, 40
+    cfg = dyn.DynamicsConfig(num_members=3, num_elites=2, hidden_dims=(8,), weight_decay=(0.0, 0.0))
+    dataset_obs = jax.random.normal(jax.random.PRNGKey(0), (100, obs_dim))
+    state = dyn.init_dynamics(jax.random.PRNGKey(1), obs_dim, act_dim, cfg, jnp.ones((10, obs_dim + act_dim)))
+    policy_fn = lambda params, key, obs: jnp.tanh(obs[:, :act_dim])
+    stop_low = lambda obs, act, next_obs: next_obs[:, 0] < -1.0  # some trajectories stop, some do not
+    collect = mb.make_collect_fn(policy_fn, stop_low, ro.RolloutConfig(horizon=horizon), starts)
+    buf = mb.init_buffer(mb.BufferConfig(obs_dim, act_dim, num_slots=2, rows_per_slot=horizon * starts))
+    totals = []
+    for i in range(3):
+        buf, metrics = collect(jax.random.PRNGKey(10 + i), None, state, dataset_obs, buf)
+        totals.append(int(metrics["num_valid"]))
+    assert int(buf.num_written) == 3 and np.asarray(buf.counts).tolist() == [totals[2], totals[1]]
+    assert 0 < totals[0] < horizon * starts

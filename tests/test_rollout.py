@@ -17,14 +17,24 @@ def hand_state(means, raw_logvar, elites, min_logvar=-10.0, max_logvar=0.5):
     """Ensemble whose member e outputs mean[e] (delta_obs, r) and raw log-variance raw_logvar[e] for every
     input: all weights zero, so only the last layer's bias matters (swish(0) = 0)."""
     means, raw_logvar = np.asarray(means, np.float32), np.asarray(raw_logvar, np.float32)
-    e = means.shape[0]
-    cfg = dyn.DynamicsConfig(num_members=e, num_elites=len(elites), hidden_dims=(8,), weight_decay=(0.0, 0.0))
-    state = dyn.init_dynamics(jax.random.PRNGKey(0), OBS, ACT, cfg, jnp.ones((4, OBS + ACT)))
-    params = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    params["layers"][-1]["b"] = jnp.asarray(np.concatenate([means, raw_logvar], -1)[:, None, :])
-    params["max_logvar"] = jnp.full((e, 1, D), max_logvar, jnp.float32)
-    params["min_logvar"] = jnp.broadcast_to(jnp.asarray(min_logvar, jnp.float32), (e, 1, D))
-    return state.replace(params=params, elites=jnp.asarray(elites, jnp.int32))
+    e, h = means.shape[0], 8
+    cfg = dyn.DynamicsConfig(num_members=e, num_elites=len(elites), hidden_dims=(h,), weight_decay=(0.0, 0.0))
+    params = {
+        "layers": [
+            {"w": np.zeros((e, OBS + ACT, h), np.float32), "b": np.zeros((e, 1, h), np.float32)},
+            {"w": np.zeros((e, h, 2 * D), np.float32),
+             "b": np.concatenate([means, raw_logvar], -1)[:, None, :]},
+        ],
+        "max_logvar": np.full((e, 1, D), max_logvar, np.float32),
+        "min_logvar": np.broadcast_to(np.asarray(min_logvar, np.float32), (e, 1, D)).copy(),
+    }
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return dyn.DynamicsState(
+        params=params, opt_state=None, input_mean=jnp.zeros(OBS + ACT), input_std=jnp.ones(OBS + ACT),
+        best_params=params, best_holdout_mse=jnp.zeros(e), elites=jnp.asarray(elites, jnp.int32),
+        epoch=jnp.int32(0), step=jnp.int32(0), epochs_since_improvement=jnp.int32(0),
+        obs_dim=OBS, act_dim=ACT, config=cfg,
+    )
 
 
 def zero_policy(params, key, obs):
@@ -149,7 +159,8 @@ def test_real_networks_and_policy_shapes_and_counts():
                                                                                      (64, OBS + ACT)))
     policy = init_tanh_gaussian_policy(jax.random.PRNGKey(2), OBS, ACT, hidden=(16,))
     start = jax.random.normal(jax.random.PRNGKey(3), (50, OBS))
-    fn = ro.make_rollout_fn(tanh_gaussian_policy_fn, never_terminate, ro.RolloutConfig(horizon=3, chunk_size=16))
+    cfg = ro.RolloutConfig(horizon=3, chunk_size=16)
+    fn = ro.make_rollout_fn(tanh_gaussian_policy_fn, never_terminate, cfg)
     batch, metrics = fn(jax.random.PRNGKey(4), policy, state, start)
     again, _ = fn(jax.random.PRNGKey(4), policy, state, start)
     assert batch.num_rows == 150 and int(metrics["num_valid"]) == 150

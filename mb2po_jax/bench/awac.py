@@ -1,0 +1,299 @@
+"""AWAC update throughput: seed-updates per second of `awac.make_train_steps`, against the machine's matmul
+rate and, optionally, a CORL-style PyTorch AWAC (`torch_reference`) timed in the same process.
+
+FLOPs per update (`update_flops`) count the matmuls `awac.update` actually runs, multiply-add = 2 FLOPs,
+B = batch size, actor widths [obs, *hidden, K + 2*K*act] (logits, means and log-stds heads of the K-component
+GMM), critic widths [obs + act, *hidden, 1], twin critics:
+
+  a' ~ pi(.|s')                   actor forward, B rows
+  min_j Q'_j(s', a')              target twin critic forward, B rows
+  log pi(a|s), a_pi ~ pi(.|s)     actor forward, B rows (one forward gives both)
+  d log pi / d theta              actor backward, B rows
+  Q_j on [(s, a); (s, a_pi)]      twin critic forward, 2B rows (one forward gives loss, Q(s,a), baseline)
+  d L_Q / d phi                   twin critic backward, 2B rows
+
+A backward is 2x its forward (grad wrt weights and wrt inputs of every layer) less the input-grad of the
+first layer, whose inputs are data. The critic backward runs on all 2B rows although the loss only reads the
+first B: the baseline half's cotangent is zero, but XLA does not split the matmuls (checked in the compiled
+HLO). That half is real work the machine does, so it is counted; it is also the cheapest work to remove
+(about a fifth of the total at the default sizes). Elementwise work (ReLU, GMM log-prob, sampling, Adam, the minibatch
+gather) is not counted: it is the overhead the fraction of matmul peak exposes.
+
+`hlo_matmul_flops` recounts the same quantity from the compiled program itself (every dot, loops multiplied
+by their trip count), so a change to `awac.update` that adds or drops matmuls shows up as a mismatch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mb2po_jax import awac
+from mb2po_jax.bench.common import dense_flops, matmul_flops_per_s, time_call
+
+
+def _backward_flops(rows: int, sizes: Sequence[int]) -> float:
+    """Weight grads of every layer plus input grads of every layer but the first (its input is data)."""
+    return 2.0 * dense_flops(rows, list(sizes)) - 2.0 * rows * sizes[0] * sizes[1]
+
+
+def update_flops(obs_dim: int, act_dim: int, config: awac.AWACConfig) -> dict[str, float]:
+    """Matmul FLOPs of one `awac.update` (one seed), by part; see the module docstring."""
+    b, k = config.batch_size, config.num_components
+    actor = [obs_dim, *config.actor_hidden_dims, k + 2 * k * act_dim]
+    critic = [obs_dim + act_dim, *config.critic_hidden_dims, 1]
+    return {
+        "actor_forward_next_obs": dense_flops(b, actor),
+        "target_critic_forward": 2 * dense_flops(b, critic),
+        "actor_forward": dense_flops(b, actor),
+        "actor_backward": _backward_flops(b, actor),
+        "critic_forward_2b": 2 * dense_flops(2 * b, critic),
+        "critic_backward_2b": 2 * _backward_flops(2 * b, critic),
+    }
+
+
+def torch_update_flops(obs_dim: int, act_dim: int, batch_size: int, hidden_dims: Sequence[int]) -> float:
+    """Matmul FLOPs of one `torch_reference.TorchAWAC.update`: critic step (a' sample, target twin forward,
+    twin forward + backward), actor step (twin forward on (s, a) and (s, a_pi), a_pi sample, actor forward +
+    backward). Its Gaussian actor has act_dim outputs, so it does less work per update than our GMM."""
+    b = batch_size
+    actor = [obs_dim, *hidden_dims, act_dim]
+    critic = [obs_dim + act_dim, *hidden_dims, 1]
+    fa, fc = dense_flops(b, actor), dense_flops(b, critic)
+    critic_step = fa + 2 * fc + 2 * fc + 2 * _backward_flops(b, critic)
+    actor_step = 4 * fc + fa + fa + _backward_flops(b, actor)
+    return critic_step + actor_step
+
+
+# --- matmul FLOPs of a compiled XLA program, read from its optimised HLO text ----------------------------
+
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
+_OPCODE = re.compile(r"\s([a-z][\w\-]*)\(")
+_CALLEES = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def hlo_matmul_flops(hlo_text: str) -> float | None:
+    """FLOPs of every `dot` executed by one run of the program (2 * output elements * contraction size),
+    while-loop bodies multiplied by XLA's known trip count. None if a loop's trip count is unknown."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(2)
+            comps[current] = []
+            entry = current if m.group(1) else entry
+            continue
+        if current is None:
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            shapes[m.group(1)] = tuple(int(d) for d in m.group(3).split(",") if d)
+        comps[current].append(line)
+
+    def dot_flops(line: str) -> float:
+        out = _INSTRUCTION.match(line)
+        lhs = re.search(r"\sdot\(\s*(?:\w+\[[\d,]*\]\S*\s+)?%?([\w.\-]+)", line).group(1)
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+        k = math.prod(shapes[lhs][int(d)] for d in contracting.split(",") if d)
+        return 2.0 * math.prod(int(d) for d in out.group(3).split(",") if d) * k
+
+    memo: dict[str, float | None] = {}
+
+    def total(name: str) -> float | None:
+        if name not in memo:
+            memo[name] = None  # guards against (impossible) recursion
+            flops = 0.0
+            for line in comps.get(name, []):
+                op = _OPCODE.search(line.split("=", 1)[-1])
+                opcode = op.group(1) if op else ""
+                if opcode == "dot":
+                    flops += dot_flops(line)
+                trips = 1
+                if opcode == "while":
+                    m = _TRIP_COUNT.search(line)
+                    if m is None:
+                        return None
+                    trips = int(m.group(1))
+                for kind, callee in _CALLEES.findall(line):
+                    sub = total(callee)
+                    if sub is None:
+                        return None
+                    flops += sub * (trips if kind == "body" else 1)
+                m = _BRANCHES.search(line)
+                if m:  # a conditional runs one branch: count the most expensive
+                    subs = [total(c.strip().lstrip("%")) for c in m.group(1).split(",")]
+                    if any(s is None for s in subs):
+                        return None
+                    flops += max(subs, default=0.0)
+            memo[name] = flops
+        return memo[name]
+
+    return None if entry is None else total(entry)
+
+
+# --- the benchmark ----------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[bench awac] {msg}", file=sys.stderr, flush=True)
+
+
+def random_dataset(num: int, obs_dim: int, act_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random transitions with a D4RL dataset's shapes (speed does not depend on the values)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "observations": rng.standard_normal((num, obs_dim), np.float32),
+        "actions": rng.uniform(-1.0, 1.0, (num, act_dim)).astype(np.float32),
+        "rewards": rng.standard_normal(num, np.float32),
+        "next_observations": rng.standard_normal((num, obs_dim), np.float32),
+        "terminals": (rng.random(num) < 0.01).astype(np.float32),
+    }
+
+
+def run(
+    obs_dim: int = 11,
+    act_dim: int = 3,
+    batch_size: int = 256,
+    steps_per_call: int = 1000,
+    num_seeds: int = 1,
+    compare_torch: bool = False,
+    min_time: float = 2.0,
+    hidden_dims: tuple[int, ...] = (256, 256, 256),
+    num_components: int = 5,
+    dataset_size: int = 1_000_000,
+    repeats: int = 1,
+    torch_threads: int = 0,
+    torch_steps_per_chunk: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time `awac.make_train_steps(steps_per_call)` on `num_seeds` vmapped seeds: best-of calls (at least 3
+    and `min_time` seconds) after the compile, on random data of `dataset_size` transitions held on the
+    device. `repeats` > 1 measures again that many times, interleaved with the torch reference when
+    `compare_torch` (torch, jax, matmul rate; torch, jax, ...) so both see the same machine load; reported
+    figures are medians over repeats, with every repeat listed under `*_runs`.
+
+    The torch reference is timed the same way (best-of chunks of `torch_steps_per_chunk` updates, by default
+    `steps_per_call`) on the same data, one seed, with `torch_threads` intra-op threads (0: torch's
+    default)."""
+    config = awac.AWACConfig(
+        actor_hidden_dims=tuple(hidden_dims),
+        critic_hidden_dims=tuple(hidden_dims),
+        num_components=num_components,
+        batch_size=batch_size,
+    )
+    arrays = random_dataset(dataset_size, obs_dim, act_dim, seed)
+    data = awac.Batch.from_mapping(arrays)
+    state = awac.init_seeds(jax.random.split(jax.random.PRNGKey(seed), num_seeds), obs_dim, act_dim, config)
+    train = awac.make_train_steps(steps_per_call)
+
+    _log(f"compiling {steps_per_call} updates x {num_seeds} seed(s)")
+    t0 = time.perf_counter()
+    compiled = train.lower(state, data).compile()
+    compile_seconds = time.perf_counter() - t0
+    hlo_flops = hlo_matmul_flops(compiled.as_text())
+    holder = {"state": state}
+    cpu_seconds: list[float] = []
+
+    def call():
+        # The state is donated: each call consumes the previous call's output.
+        c0 = time.process_time()
+        holder["state"], metrics = compiled(holder["state"], data)
+        jax.block_until_ready(metrics)
+        cpu_seconds.append(time.process_time() - c0)
+        return metrics
+
+    if compare_torch:
+        import torch
+
+        from mb2po_jax.bench import torch_reference
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        torch_data = {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+        def measure_torch() -> dict[str, float]:
+            return torch_reference.timed_rates(
+                obs_dim, act_dim, batch_size, min_time, hidden_dims=hidden_dims,
+                steps_per_chunk=torch_steps_per_chunk or steps_per_call, data=torch_data,
+            )
+
+    runs: dict[str, list[float]] = {
+        "updates_per_s": [], "cpu_updates_per_s": [], "seconds_per_call": [], "matmul_flops_per_s": []
+    }
+    if compare_torch:
+        runs.update(torch_updates_per_s=[], torch_cpu_updates_per_s=[])
+    for rep in range(repeats):
+        if compare_torch:
+            rates = measure_torch()
+            runs["torch_updates_per_s"].append(rates["updates_per_s"])
+            runs["torch_cpu_updates_per_s"].append(rates["cpu_updates_per_s"])
+            _log(f"repeat {rep + 1}/{repeats}: torch {rates['updates_per_s']:.1f} updates/s")
+        cpu_seconds.clear()
+        seconds = time_call(call, min_time=min_time)
+        runs["seconds_per_call"].append(seconds)
+        runs["updates_per_s"].append(num_seeds * steps_per_call / seconds)
+        runs["cpu_updates_per_s"].append(num_seeds * steps_per_call / min(cpu_seconds[1:]))
+        runs["matmul_flops_per_s"].append(matmul_flops_per_s())
+        _log(f"repeat {rep + 1}/{repeats}: jax {runs['updates_per_s'][-1]:.1f} seed-updates/s, "
+             f"matmul {runs['matmul_flops_per_s'][-1] / 1e9:.1f} GFLOP/s")
+
+    breakdown = update_flops(obs_dim, act_dim, config)
+    flops = sum(breakdown.values())
+    fractions = [r * flops / p for r, p in zip(runs["updates_per_s"], runs["matmul_flops_per_s"])]
+    result: dict[str, Any] = {
+        "benchmark": "awac",
+        "updates_per_s": statistics.median(runs["updates_per_s"]),
+        "flops_per_update": flops,
+        "matmul_flops_per_s": statistics.median(runs["matmul_flops_per_s"]),
+        "fraction_of_matmul_peak": statistics.median(fractions),
+        "seconds_per_call": statistics.median(runs["seconds_per_call"]),
+        # Per second of process CPU time (all threads, spin-waits included): on a shared machine, a wall
+        # rate far below this times the thread count means the process was waiting for a core.
+        "cpu_updates_per_s": statistics.median(runs["cpu_updates_per_s"]),
+        "compile_seconds": compile_seconds,
+        "flops_per_update_breakdown": breakdown,
+        "hlo_matmul_flops_per_update": None if hlo_flops is None else hlo_flops / (steps_per_call * num_seeds),
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "batch_size": batch_size,
+        "steps_per_call": steps_per_call,
+        "num_seeds": num_seeds,
+        "dataset_size": dataset_size,
+        "repeats": repeats,
+        "min_time": min_time,
+        "config": dataclasses.asdict(config),
+        "device": str(jax.devices()[0]),
+        "jax_version": jax.__version__,
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "jax_default_prng_impl": jax.config.jax_default_prng_impl,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "fraction_of_matmul_peak_runs": fractions,
+        **{f"{k}_runs": v for k, v in runs.items()},
+    }
+    if compare_torch:
+        speedups = [j / t for j, t in zip(runs["updates_per_s"], runs["torch_updates_per_s"])]
+        result.update(
+            torch_updates_per_s=statistics.median(runs["torch_updates_per_s"]),
+            torch_cpu_updates_per_s=statistics.median(runs["torch_cpu_updates_per_s"]),
+            speedup_vs_torch=statistics.median(speedups),
+            speedup_vs_torch_runs=speedups,
+            torch_threads=torch.get_num_threads(),
+            torch_steps_per_chunk=torch_steps_per_chunk or steps_per_call,
+            torch_version=torch.__version__,
+            torch_flops_per_update=torch_update_flops(obs_dim, act_dim, batch_size, hidden_dims),
+        )
+    return result

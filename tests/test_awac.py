@@ -1,0 +1,369 @@
+"""AWAC core (mb2po_jax.awac): it learns a real task from a scripted controller's data, it beats behaviour
+cloning when two thirds of the data is harmful, seeds and scan chunks compose exactly (the basis of multi-seed
+training and of resume), the critic fits its targets, and the advantage weights are exp(A / alpha) clamped.
+
+Compilation dominates the cost on a CPU (XLA compiles the threefry-heavy init and the fused update for
+several seconds each), so tests share configs, datasets of one shape and the compiled `make_train_steps`
+functions, and never pass a state they still need (the training call donates its input).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from gymnasium.envs.classic_control.pendulum import PendulumEnv
+from gymnasium.wrappers import RescaleAction
+
+from mb2po_jax import awac
+from mb2po_jax.data.generation import rollout
+from mb2po_jax.evaluation import evaluate
+
+
+def _copy(state):
+    """A fresh copy, for handing to the donating training call while keeping the original."""
+    return jax.tree.map(jnp.copy, state)
+
+
+def _leaves_close(a, b, rtol, atol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small synthetic problems: one tiny config and one data shape, so the compiled programs are shared.
+
+OBS_DIM, ACT_DIM, NUM_ROWS, NUM_SEEDS, CHUNK = 3, 2, 512, 3, 20
+TINY = awac.AWACConfig(actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=64)
+
+
+def _synthetic(seed: int = 0, terminal_frac: float = 0.5, actions=None) -> awac.Batch:
+    """Random states; actions a noisy function of the state (something for the actor to fit); a learnable
+    reward r = 1 + a . tanh(s[:2]) (mean ~1.6, std ~0.4)."""
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(NUM_ROWS, OBS_DIM))
+    if actions is None:
+        actions = np.clip(0.8 * np.tanh(obs[:, :ACT_DIM]) + 0.1 * rng.normal(size=(NUM_ROWS, ACT_DIM)), -1, 1)
+    return awac.Batch.from_mapping({
+        "observations": obs,
+        "actions": actions,
+        "rewards": 1.0 + (actions * np.tanh(obs[:, :ACT_DIM])).sum(1),
+        "next_observations": rng.normal(size=(NUM_ROWS, OBS_DIM)),
+        "terminals": rng.uniform(size=NUM_ROWS) < terminal_frac,
+    })
+
+
+@functools.lru_cache(maxsize=None)
+def _train(num_steps: int):
+    """One compiled training function per chunk length, shared by every test in this module."""
+    return awac.make_train_steps(num_steps)
+
+
+# awac.init for a single seed, compiled once (init_seeds builds a new jit, hence a new compile, per call).
+_init_one = jax.jit(awac.init, static_argnums=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_keys():
+    return jax.random.split(jax.random.PRNGKey(42), NUM_SEEDS)  # raw uint32 keys [S, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_states(tiny_keys):
+    """Freshly initialised S-seed state; tests train on copies."""
+    return awac.init_seeds(tiny_keys, OBS_DIM, ACT_DIM, TINY)
+
+
+def test_seed_axis_equals_separate_single_seed_runs(tiny_keys, tiny_states):
+    """S seeds trained in one program are S independent runs: each seed's initial state equals `init` of its
+    key alone, and its parameters, optimiser state, key and metrics after training equal those of that seed
+    trained alone. Anything coupling the seeds (a key or a gradient shared across the seed axis, a
+    reduction over it) breaks this."""
+    data = _synthetic()
+    together, metrics = _train(CHUNK)(_copy(tiny_states), data)
+    for s in range(NUM_SEEDS):
+        single = jax.tree.map(lambda x: x[None], _init_one(tiny_keys[s], OBS_DIM, ACT_DIM, TINY))
+        _leaves_close(jax.tree.map(lambda x: x[s], tiny_states), jax.tree.map(lambda x: x[0], single),
+                      1e-6, 1e-7)
+        alone, alone_metrics = _train(CHUNK)(single, data)
+        _leaves_close(jax.tree.map(lambda x: x[s], together), jax.tree.map(lambda x: x[0], alone), 1e-5, 1e-6)
+        _leaves_close({k: v[s] for k, v in metrics.items()}, {k: v[0] for k, v in alone_metrics.items()},
+                      1e-5, 1e-6)
+    # ...and the seeds did not all do the same thing.
+    leaf = np.asarray(jax.tree.leaves(together.actor_params)[0])
+    assert not np.allclose(leaf[0], leaf[1])
+
+
+def test_two_chunks_equal_one_call_of_twice_the_steps(tiny_states):
+    """Resume relies on this: N steps, then N more from the returned state, equals 2N steps at once."""
+    data = _synthetic()
+    chunked, m1 = _train(CHUNK)(_copy(tiny_states), data)
+    chunked, m2 = _train(CHUNK)(chunked, data)
+    straight, m12 = _train(2 * CHUNK)(_copy(tiny_states), data)
+    assert int(chunked.step[0]) == int(straight.step[0]) == 2 * CHUNK
+    _leaves_close(chunked, straight, 1e-6, 1e-7)
+    _leaves_close({k: (m1[k] + m2[k]) / 2 for k in m12}, m12, 1e-5, 1e-6)
+
+
+def test_critic_fits_targets_and_actor_fits_data(tiny_states):
+    """With every transition terminal the critic's target is the reward itself: in 1000 steps the critic
+    loss falls tenfold and Q(s, a) settles on the mean reward. Without terminals Q bootstraps above it. The
+    actor's log-likelihood of the dataset actions rises."""
+    def run(data, chunks=50):
+        state, history = _copy(tiny_states), []
+        for _ in range(chunks):
+            state, m = _train(CHUNK)(state, data)
+            history.append(jax.tree.map(np.asarray, m))
+        return {k: np.stack([h[k] for h in history]) for k in history[0]}  # [chunks, S]
+
+    terminal = _synthetic(seed=1, terminal_frac=1.0)
+    h = run(terminal)
+    first, last = h["critic_loss"][0], h["critic_loss"][-1]
+    assert np.all(last < 0.1 * first), (first, last)
+    mean_reward = float(terminal.rewards.mean())
+    np.testing.assert_allclose(h["q_data"][-1], mean_reward, atol=0.15)
+    assert np.all(h["log_prob"][-1] > h["log_prob"][0] + 1.0), h["log_prob"][[0, -1]]
+
+    # The same data with no terminal: the target adds gamma * Q', so Q climbs above the reward.
+    continuing = terminal.replace(terminals=jnp.zeros_like(terminal.terminals))
+    h = run(continuing)
+    assert np.all(h["q_data"][-1] > mean_reward + 0.5), h["q_data"][-1]
+
+
+def test_boundary_dataset_actions_train_to_finite_parameters(tiny_states):
+    """Dataset actions exactly at +-1 (common in D4RL: clipped policies) have atanh = inf; they must be
+    clipped inside before the log-prob, or the first update turns the actor into NaNs."""
+    rng = np.random.default_rng(2)
+    data = _synthetic(seed=2, actions=rng.choice([-1.0, 1.0], size=(NUM_ROWS, ACT_DIM)))
+    state, m = _train(CHUNK)(_copy(tiny_states), data)
+    assert all(np.isfinite(np.asarray(v)).all() for v in m.values()), m
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    assert np.all(np.asarray(m["log_prob"]) > -100.0)  # the clipped boundary action, not -inf or -1e30
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Advantage weights, on a hand-built critic with a known advantage.
+
+PI_ACTION = 0.5  # the hand-built actor's (nearly deterministic) action, first dimension
+
+
+def _set(params, values: dict):
+    flat = traverse_util.flatten_dict(params, sep="/")
+    for path, value in values.items():
+        assert path in flat and flat[path].shape == value.shape, (path, {k: v.shape for k, v in flat.items()})
+        flat[path] = jnp.asarray(value, flat[path].dtype)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _known_advantage_state(state: awac.AWACState, c: float) -> awac.AWACState:
+    """Twin critics Q_1 = c a_0 and Q_2 = 2c a_0 (so min_j Q_j = c a_0 for a_0 > 0, 2c a_0 below), target
+    critics zero; an actor whose every component is N(atanh 0.5, e^-5): a_pi ~ 0.5 +- 0.005."""
+    h1, h2 = TINY.critic_hidden_dims
+    k1 = np.zeros((2, OBS_DIM + ACT_DIM, h1))
+    k1[:, OBS_DIM, 0], k1[:, OBS_DIM, 1] = 1.0, -1.0  # relu(a_0), relu(-a_0)
+    k2 = np.zeros((2, h1, h2))
+    k2[:, 0, 0] = k2[:, 1, 1] = 1.0
+    kf = np.zeros((2, h2, 1))
+    kf[:, 0, 0], kf[:, 1, 0] = [c, 2 * c], [-c, -2 * c]  # c_j (relu(a) - relu(-a)) = c_j a
+    base = "params/VmapCritic_0/"
+    critic = _set(state.critic_params, {
+        base + "MLP_0/Dense_0/kernel": k1, base + "MLP_0/Dense_0/bias": np.zeros((2, h1)),
+        base + "MLP_0/Dense_1/kernel": k2, base + "MLP_0/Dense_1/bias": np.zeros((2, h2)),
+        base + "Dense_0/kernel": kf, base + "Dense_0/bias": np.zeros((2, 1)),
+    })
+    k, a, h = TINY.num_components, ACT_DIM, TINY.actor_hidden_dims[-1]
+    actor = _set(state.actor_params, {  # GMMParams heads: Dense_0 logits, Dense_1 means, Dense_2 log-stds
+        "params/Dense_0/kernel": np.zeros((h, k)), "params/Dense_0/bias": np.zeros(k),
+        "params/Dense_1/kernel": np.zeros((h, k * a)),
+        "params/Dense_1/bias": np.full(k * a, np.arctanh(PI_ACTION)),
+        "params/Dense_2/kernel": np.zeros((h, k * a)), "params/Dense_2/bias": np.full(k * a, -5.0),
+    })
+    return state.replace(critic_params=critic, actor_params=actor,
+                         target_critic_params=jax.tree.map(jnp.zeros_like, critic))
+
+
+_update = jax.jit(awac.update)  # one compile per config: temperature and max_weight are static
+
+
+def test_advantage_weights_are_clamped_exponentiated_advantages():
+    """AWAC's actor weights are min(exp(A / alpha), max_weight) with A = min_j Q_j(s, a) - min_j Q_j(s, a_pi)
+    from the online critic, checked on hand-built networks whose advantage is known in closed form."""
+    rng = np.random.default_rng(3)
+    n = 300
+    # First action dimension from three bands, none within 0.1 of where the advantage changes sign.
+    a0 = np.concatenate(
+        [rng.uniform(-1.0, -0.1, n // 3), rng.uniform(0.1, 0.4, n // 3), rng.uniform(0.6, 1.0, n // 3)]
+    )
+    actions = np.stack([a0, rng.uniform(-1, 1, n)], 1)
+    batch = awac.Batch.from_mapping({
+        "observations": rng.normal(size=(n, OBS_DIM)), "actions": actions, "rewards": np.zeros(n),
+        "next_observations": rng.normal(size=(n, OBS_DIM)), "terminals": np.zeros(n),
+    })
+    base = _init_one(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM, TINY)
+
+    def q_min(a, c):
+        return np.minimum(c * a, 2 * c * a)
+
+    def update(c, **config):
+        state = _known_advantage_state(base, c).replace(config=dataclasses.replace(TINY, **config))
+        new_state, m = _update(state, batch, jax.random.PRNGKey(1))
+        return new_state, {k: float(v) for k, v in m.items()}
+
+    # The advantage is Q(s, a) - Q(s, a_pi) with the online critic's min over the twins.
+    _, m = update(1.0)
+    np.testing.assert_allclose(m["advantage"], (q_min(a0, 1.0) - q_min(PI_ACTION, 1.0)).mean(), atol=0.01)
+
+    # Huge advantages: every action above a_pi is clamped at max_weight, every one below is ~0 (and the
+    # unclamped exp(A) would overflow float32 here, so the actor update stays finite only through the clamp).
+    above = (a0 > PI_ACTION).mean()
+    new_state, m = update(200.0)
+    assert m["weight_clipped_frac"] == pytest.approx(above, abs=1e-6)
+    assert m["weight_mean"] == pytest.approx(TINY.max_weight * above, rel=1e-4)
+    assert np.isfinite(m["actor_loss"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new_state.actor_params))
+
+    # Moderate advantages, no clamping: the weights are exp(A / alpha) for each temperature alpha (each
+    # temperature is another compile, hence only two).
+    advantage = q_min(a0, 1.0) - q_min(PI_ACTION, 1.0)  # in [-2.5, 0.5]
+    for temperature in (1.0, 0.25):
+        _, m = update(1.0, temperature=temperature)
+        # a_pi's spread (+-0.005) moves every weight by a factor exp(+-0.005 / alpha).
+        assert m["weight_mean"] == pytest.approx(np.exp(advantage / temperature).mean(), rel=0.03)
+        assert m["weight_clipped_frac"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning a real task: Pendulum-v1 with actions rescaled to AWAC's [-1, 1].
+
+PENDULUM = "mb2po_test/UnitPendulum-v0"
+EPISODE_STEPS = 200
+
+
+def _unit_pendulum(**kwargs):
+    """Pendulum-v1 (torque bound 2) taking actions in [-1, 1]: the same scaling for data and evaluation."""
+    bound = np.ones(1, np.float32)
+    return RescaleAction(PendulumEnv(**kwargs), -bound, bound)
+
+
+if PENDULUM not in gym.registry:
+    gym.register(PENDULUM, entry_point=_unit_pendulum)
+
+
+def _controller(obs: np.ndarray) -> np.ndarray:
+    """Energy-pumping swing-up, PD balance near the top. obs [..., 3] (cos th, sin th, th_dot) -> [..., 1].
+
+    Dynamics th'' = 15 sin th + 3 * torque and torque = 2 u, so E = th'^2 / 2 + 15 (cos th - 1) (0 upright
+    at rest) has dE/dt = 6 u th': pump with u ~ sign(th') * (-E) until near the top, then PD,
+    u = -(10 th + 2 th') / 2.
+    Scores about -150 on 200-step episodes (uniform random actions: about -1200)."""
+    c, s, w = obs[..., 0], obs[..., 1], obs[..., 2]
+    energy = 0.5 * w**2 + 15.0 * (c - 1.0)
+    pump = np.clip(-0.5 * energy * np.sign(w + 1e-6), -1.0, 1.0)
+    balance = np.clip(-(10.0 * np.arctan2(s, c) + 2.0 * w) / 2.0, -1.0, 1.0)
+    return np.where(c > 0.85, balance, pump)[..., None]
+
+
+def _controller_data(size: int, seed: int, noise: float = 0.3) -> dict:
+    rng = np.random.default_rng(seed)
+
+    def policy(obs):
+        action = np.clip(_controller(obs) + noise * rng.normal(size=1), -1.0, 1.0).astype(np.float32)
+        return action, 0.0
+
+    return rollout(PENDULUM, policy, size, seed, max_episode_steps=EPISODE_STEPS)
+
+
+def _with_adversarial_actions(data: dict, copies: int, seed: int) -> dict:
+    """`copies` extra transitions from every state of `data`, with the controller's action negated (plus a
+    little noise), stepped in the real environment from that state. Two thirds of the data then push the
+    wrong way, concentrated enough to be the behaviour policy's mode."""
+    env = gym.make(PENDULUM, disable_env_checker=True)
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    obs = np.repeat(data["observations"], copies, 0)
+    actions = np.clip(-_controller(obs) + 0.1 * rng.normal(size=(len(obs), 1)), -1, 1).astype(np.float32)
+    next_obs, rewards = np.empty_like(obs), np.empty(len(obs), np.float32)
+    for i in range(len(obs)):
+        env.unwrapped.state = np.array([np.arctan2(obs[i, 1], obs[i, 0]), obs[i, 2]])  # Pendulum's (th, th')
+        next_obs[i], rewards[i], *_ = env.step(actions[i])
+    env.close()
+    extra = {"observations": obs, "actions": actions, "rewards": rewards, "next_observations": next_obs,
+             "terminals": np.zeros(len(obs), bool)}
+    return {k: np.concatenate([data[k], v]) for k, v in extra.items()}
+
+
+# Small nets and a higher learning rate than the paper's defaults, so a few thousand steps suffice.
+PENDULUM_CONFIG = awac.AWACConfig(
+    actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), actor_lr=1e-3, critic_lr=1e-3, batch_size=64
+)
+PENDULUM_SEEDS = 2
+PENDULUM_CHUNK = 500
+PENDULUM_ROWS = 15_000  # both datasets have this many rows, so they share one compiled program per config
+
+
+def _evaluate(act_fn, num_seeds=PENDULUM_SEEDS):
+    return evaluate(act_fn, PENDULUM, num_seeds=num_seeds, num_episodes=10, seed=10_000,
+                    max_episode_steps=EPISODE_STEPS).mean_return()
+
+
+@pytest.fixture(scope="module")
+def pendulum_references():
+    """(controller return, uniform-random return) on the evaluation episodes."""
+    rng = np.random.default_rng(0)
+    controller = _evaluate(lambda o: _controller(o), num_seeds=1)[0]
+    random = _evaluate(lambda o: rng.uniform(-1, 1, (*o.shape[:-1], 1)), num_seeds=1)[0]
+    assert controller > -250 and random < -900, (controller, random)  # the task and controller are sane
+    return controller, random
+
+
+@jax.jit  # S seeds, compiled once for all three Pendulum runs
+def _pendulum_init(keys, normalizer):
+    return jax.vmap(lambda k: awac.init(k, 3, 1, PENDULUM_CONFIG, normalizer))(keys)
+
+
+def _train_pendulum(data: dict, num_steps: int, config: awac.AWACConfig = PENDULUM_CONFIG):
+    """S seeds on `data`, `num_steps` updates each: (each seed's deterministic evaluation return, the last
+    chunk's metrics)."""
+    batch = awac.Batch.from_mapping(data)
+    assert len(batch) == PENDULUM_ROWS
+    keys = jax.random.split(jax.random.PRNGKey(7), PENDULUM_SEEDS)
+    state = _pendulum_init(keys, awac.Normalizer.fit(batch.observations))
+    state = state.replace(config=config)  # init does not depend on the loss settings
+    for _ in range(num_steps // PENDULUM_CHUNK):
+        state, metrics = _train(PENDULUM_CHUNK)(state, batch)
+    assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
+    state = state.replace(config=PENDULUM_CONFIG)  # acting does not depend on the loss settings: no recompile
+    return _evaluate(lambda o: np.asarray(awac.act_seeds(state, jnp.asarray(o)))), metrics
+
+
+def test_awac_learns_pendulum_swing_up_from_noisy_controller_data(pendulum_references):
+    """75 episodes of the controller with N(0, 0.3) action noise; 1500 AWAC steps recover most of the
+    controller's return with the deterministic (mode) action."""
+    controller, random = pendulum_references
+    returns, _ = _train_pendulum(_controller_data(PENDULUM_ROWS, seed=0), num_steps=1500)
+    normalized = (returns - random) / (controller - random)
+    assert normalized.mean() > 0.75 and normalized.min() > 0.6, (returns, controller, random)
+
+
+def test_awac_beats_behaviour_cloning_on_mixed_data(pendulum_references):
+    """A third controller actions, two thirds their negation at the same states. Behaviour cloning (AWAC
+    with every weight exp(A / 1e9) = 1) imitates the majority and fails; AWAC's advantage weights pick out
+    the good third and swing up."""
+    controller, random = pendulum_references
+    data = _with_adversarial_actions(_controller_data(PENDULUM_ROWS // 3, seed=1), copies=2, seed=2)
+    awac_returns, awac_metrics = _train_pendulum(data, num_steps=2500)
+    bc_config = dataclasses.replace(PENDULUM_CONFIG, temperature=1e9)
+    bc_returns, bc_metrics = _train_pendulum(data, num_steps=2500, config=bc_config)
+    np.testing.assert_array_equal(bc_metrics["weight_mean"], 1.0)  # exp(A / 1e9) == 1 in float32: plain BC
+    assert np.all(awac_metrics["weight_mean"] != 1.0)
+    gap = awac_returns.mean() - bc_returns.mean()
+    assert gap > 0.4 * (controller - random), (awac_returns, bc_returns, controller, random)
+    assert awac_returns.min() > bc_returns.max(), (awac_returns, bc_returns)

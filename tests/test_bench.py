@@ -1,0 +1,94 @@
+"""`mb2po-bench`: one JSON object on stdout, clean failures, and a torch reference that really trains."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mb2po_jax.bench import awac as bench_awac
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    script = shutil.which("mb2po-bench", path=os.path.dirname(sys.executable))
+    cmd = [script] if script else [sys.executable, "-c", "from mb2po_jax.bench import run; run()"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_awac_cli_prints_one_json_object_with_the_documented_keys():
+    proc = _bench(
+        "awac", "--hidden_dims", "32,32", "--steps_per_call", "10", "--min_time", "0.1",
+        "--dataset_size", "1000", "--compare_torch", "--torch_threads", "1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    out = json.loads(lines[0])
+    for key in (
+        "updates_per_s", "flops_per_update", "matmul_flops_per_s", "fraction_of_matmul_peak",
+        "seconds_per_call", "compile_seconds", "obs_dim", "act_dim", "batch_size", "steps_per_call",
+        "num_seeds", "config", "torch_updates_per_s", "speedup_vs_torch", "torch_threads",
+    ):
+        assert key in out, key
+    assert out["updates_per_s"] > 0 and out["torch_updates_per_s"] > 0
+    assert 0 < out["fraction_of_matmul_peak"] < 2
+    assert out["config"]["critic_hidden_dims"] == [32, 32] and out["torch_threads"] == 1
+    # The analytic count and the dots in the compiled program agree: a change to awac.update that adds or
+    # drops matmuls has to update the count. (Tiny slack: XLA turns the width-1 output layer's input-grad
+    # into an elementwise product, which the HLO count does not see.)
+    assert out["hlo_matmul_flops_per_update"] == pytest.approx(out["flops_per_update"], rel=0.01)
+
+
+@pytest.mark.parametrize("argv, code", [(["nonsense"], 2), ([], 2)])
+def test_bad_benchmark_name_fails_with_one_line(argv, code):
+    proc = _bench(*argv)
+    assert proc.returncode == code
+    assert proc.stdout == ""
+    assert proc.stderr.strip()
+
+
+@pytest.fixture
+def torch_one_thread():
+    # Two OpenMP threads on a busy 2-core machine wait on each other at every op (seconds per update).
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
+def test_torch_reference_update_reduces_critic_loss_on_a_fixed_batch(torch_one_thread):
+    torch = torch_one_thread
+    from mb2po_jax.bench import torch_reference as tr
+
+    torch.manual_seed(0)
+    batch = tr.sample(tr.random_dataset(1000, 5, 2), 64)
+    agent = tr.TorchAWAC(5, 2, hidden_dims=(64, 64))
+
+    def critic_loss() -> float:
+        with torch.no_grad():
+            next_q = agent._min_q(agent.targets, batch["next_observations"],
+                                  agent.actor.mean(batch["next_observations"]).clamp(-1, 1))
+            y = batch["rewards"] + agent.gamma * (1 - batch["terminals"]) * next_q
+            return sum(((c(batch["observations"], batch["actions"]) - y) ** 2).mean() for c in agent.critics).item()
+
+    actor_before = [p.detach().clone() for p in agent.actor.parameters()]
+    before = critic_loss()
+    for _ in range(200):
+        agent.update(batch)
+    assert critic_loss() < 0.7 * before
+    # The actor step is real too: every actor parameter moved.
+    assert all(not torch.equal(a, p) for a, p in zip(actor_before, agent.actor.parameters()))
+
+
+def test_update_flops_counts_the_critic_backward_on_both_halves():
+    from mb2po_jax.awac import AWACConfig
+
+    cfg = AWACConfig(actor_hidden_dims=(8,), critic_hidden_dims=(8,), num_components=1, batch_size=4)
+    parts = bench_awac.update_flops(obs_dim=3, act_dim=1, config=cfg)
+    critic_fwd_2b = 2 * 2 * (2 * 4) * (4 * 8 + 8 * 1)  # twin critics, 2B rows, widths [4, 8, 1]
+    assert parts["critic_forward_2b"] == critic_fwd_2b
+    # backward = weight grads of both layers + input grad of the second layer only
+    assert parts["critic_backward_2b"] == 2 * 2 * (2 * 4) * (4 * 8 + 8 * 1 + 8 * 1)
