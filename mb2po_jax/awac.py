@@ -15,6 +15,7 @@ the baseline's action sample. CORL updates the critic first and re-evaluates it;
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import chex
@@ -242,6 +243,7 @@ def sample_uniform(data: Batch, key: jax.Array, batch_size: int) -> Batch:
     return jax.tree.map(lambda x: x[idx], data)
 
 
+@functools.lru_cache(maxsize=16)  # one compilation per (num_steps, sample_fn) in a process
 def make_train_steps(num_steps: int, sample_fn=None):
     """Compiled `(state [S], data) -> (state [S], metrics [S])` doing `num_steps` updates per seed.
 
@@ -253,15 +255,22 @@ def make_train_steps(num_steps: int, sample_fn=None):
     sample_fn = sample_fn or sample_uniform
 
     def train_one_seed(state: AWACState, data):
-        def body(state, _):
-            key, sample_key, update_key = jax.random.split(state.key, 3)
-            batch = sample_fn(data, sample_key, state.config.batch_size)
-            return update(state.replace(key=key), batch, update_key)
-
-        state, metrics = jax.lax.scan(body, state, None, length=num_steps)
-        return state, jax.tree.map(lambda m: m.mean(0), metrics)
+        return train_steps(state, data, num_steps, sample_fn)
 
     return jax.jit(jax.vmap(train_one_seed, in_axes=(0, None)), donate_argnums=0)
+
+
+def train_steps(state: AWACState, data, num_steps: int, sample_fn=sample_uniform):
+    """`num_steps` updates of ONE seed in a `lax.scan` (pure; the body of `make_train_steps`, and of an
+    MB2PO iteration with a mixed-batch `sample_fn`). Returns (state, metrics averaged over the steps)."""
+
+    def body(state, _):
+        key, sample_key, update_key = jax.random.split(state.key, 3)
+        batch = sample_fn(data, sample_key, state.config.batch_size)
+        return update(state.replace(key=key), batch, update_key)
+
+    state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+    return state, jax.tree.map(lambda m: m.mean(0), metrics)
 
 
 @jax.jit

@@ -1,12 +1,21 @@
 """Run configuration: frozen dataclasses with the paper's defaults, and the one place that maps presets
-(and, later, per-task values) onto them. The CLI maps flags onto these and does nothing else."""
+and per-task values onto them. The CLI maps flags onto these and does nothing else.
+
+Precedence, lowest first: dataclass defaults < per-task (h, lambda) from `experiments/configs/tasks.json`
+< preset < flags.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 from typing import Any, Mapping
 
 from mb2po_jax.awac import AWACConfig
+from mb2po_jax.dynamics import DynamicsConfig
 from mb2po_jax.errors import ConfigError
+from mb2po_jax.mb2po import MB2POConfig
 
 STAGES = ("awac", "dynamics", "mb2po")
 
@@ -16,6 +25,8 @@ class RunConfig:
     """Everything a `mb2po-train` run needs besides the dataset and the workdir."""
 
     awac: AWACConfig = AWACConfig()
+    dynamics: DynamicsConfig = DynamicsConfig()
+    mb2po: MB2POConfig = MB2POConfig()
     stages: tuple[str, ...] = ("awac",)
     num_seeds: int = 1
     seed: int = 0
@@ -25,13 +36,18 @@ class RunConfig:
     eval_episodes: int = 10
     max_episode_steps: int = 1000
     checkpoint_every: int = 50_000
+    dynamics_steps: int = 100_000  # paper: 100k gradient steps (early stopping may end it sooner)
+    dynamics_early_stopping: bool = True  # MBPO's per-member holdout early stopping
+    mb2po_eval_every: int = 25  # iterations between real-environment evaluations
+    mb2po_checkpoint_every: int = 25  # iterations between checkpoints (ring included)
 
     def validate(self) -> "RunConfig":
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown or not self.stages:
             raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
         for name in ("num_seeds", "awac_steps", "steps_per_call", "eval_every", "eval_episodes",
-                     "checkpoint_every", "max_episode_steps"):
+                     "checkpoint_every", "max_episode_steps", "dynamics_steps", "mb2po_eval_every",
+                     "mb2po_checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every", "awac_steps"):
@@ -45,36 +61,97 @@ class RunConfig:
         return self
 
 
-# Presets. `smoke`: a few minutes on 2 CPU cores, to see everything run. `cpu`: a real but short run on a
-# laptop. `paper`: the paper's protocol (section 5: 500k AWAC steps; 4 seeds as in Table 1).
+# Presets. `smoke`: a few minutes on 2 CPU cores, to see every stage run. `cpu`: a real but short run that
+# fits 2 CPU cores and 24 GB: 50 MB2PO iterations of 50,000 imagined steps (not 1M) with a ring of the
+# last 20 iterations (1M model rows, 0.1 GB for hopper). `paper`: the paper's protocol (section 5: 500k
+# AWAC steps, 100k dynamics steps, 500 iterations x (1M imagined steps + 1000 AWAC updates), ring of the
+# last 100 iterations; 4 seeds as in Table 1).
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        awac_steps=2_000, steps_per_call=500, eval_every=1_000, eval_episodes=2, checkpoint_every=1_000
+        awac_steps=2_000, steps_per_call=500, eval_every=1_000, eval_episodes=2, checkpoint_every=1_000,
+        dynamics_steps=1_000, mb2po_iterations=4, imagined_steps=10_000, updates_per_iteration=250,
+        num_slots=4, mb2po_eval_every=2, mb2po_checkpoint_every=2,
     ),
     "cpu": dict(
         awac_steps=100_000, steps_per_call=1000, eval_every=10_000, eval_episodes=10,
-        checkpoint_every=10_000,
+        checkpoint_every=10_000, dynamics_steps=20_000, mb2po_iterations=50, imagined_steps=50_000,
+        updates_per_iteration=1000, num_slots=20, mb2po_eval_every=10, mb2po_checkpoint_every=5,
     ),
     "paper": dict(
         awac_steps=500_000, steps_per_call=1000, eval_every=50_000, eval_episodes=10,
-        checkpoint_every=50_000, num_seeds=4,
+        checkpoint_every=50_000, num_seeds=4, dynamics_steps=100_000, mb2po_iterations=500,
+        imagined_steps=1_000_000, updates_per_iteration=1000, num_slots=100, mb2po_eval_every=25,
+        mb2po_checkpoint_every=25,
     ),
 }
 
+# Flag name -> (config section, field). Flags of the AWAC and run sections are their field names.
+DYNAMICS_FLAGS = {
+    "num_members": "num_members", "num_elites": "num_elites", "dynamics_hidden_dims": "hidden_dims",
+    "dynamics_lr": "learning_rate", "dynamics_weight_decay": "weight_decay",
+    "dynamics_batch_size": "batch_size", "holdout_fraction": "holdout_fraction", "max_holdout": "max_holdout",
+    "max_epochs_since_improvement": "max_epochs_since_improvement",
+}
+MB2PO_FLAGS = {
+    "mb2po_iterations": "iterations", "imagined_steps": "imagined_steps",
+    "updates_per_iteration": "updates_per_iteration", "num_slots": "num_slots", "omega": "omega",
+    "horizon": "horizon", "penalty_coef": "penalty_coef", "penalty": "penalty", "use_elites": "use_elites",
+    "buffer_dtype": "buffer_dtype", "rollout_chunk_size": "chunk_size",
+}
 
-def make_config(preset: str, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """The preset's RunConfig with `overrides` (None values ignored) applied to RunConfig or AWACConfig
-    fields by name."""
+TASKS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "experiments", "configs", "tasks.json")
+_KINDS = ("medium-expert", "medium-replay", "full-replay", "medium", "random", "expert")
+
+
+def task_key(dataset: str | None) -> str | None:
+    """'hopper-medium-replay' for hopper-medium-replay-v2, hopper_mixed (v0), hopper-medium-replay-local,
+    mujoco/hopper/medium-v0, /data/hopper_medium_replay-v2.hdf5; None if the env or kind is not recognised."""
+    from mb2po_jax.data import registry
+
+    if not dataset:
+        return None
+    base = os.path.basename(dataset) if os.path.sep in dataset and dataset.endswith(".hdf5") else dataset
+    env = registry.env_key(base)
+    text = re.sub(r"[_/]", "-", base.lower()).replace("mixed", "medium-replay")
+    kind = next((k for k in _KINDS if k in text), None)
+    return f"{env}-{kind}" if env and kind else None
+
+
+def task_defaults(dataset: str | None, path: str | None = None) -> dict[str, Any]:
+    """Per-task (horizon, penalty_coef) for `dataset` from `path` (default TASKS_FILE); {} if none."""
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"{path}: per-task table (--task_config) not found")
+    path = path or TASKS_FILE
+    key = task_key(dataset)
+    if key is None or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the per-task table ({e})") from e
+    return dict(table.get(key, {}))
+
+
+def make_config(preset: str, overrides: Mapping[str, Any] | None = None,
+                task: Mapping[str, Any] | None = None) -> RunConfig:
+    """The preset's RunConfig with `task` values (per-task defaults) under it and `overrides` (None values
+    ignored) over it, each applied by flag name (AWAC/run field names, `DYNAMICS_FLAGS`, `MB2PO_FLAGS`)."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r} is not one of {sorted(PRESETS)}")
-    values = {**PRESETS[preset], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    values = {**(task or {}), **PRESETS[preset],
+              **{k: v for k, v in (overrides or {}).items() if v is not None}}
     awac_fields = {f.name for f in dataclasses.fields(AWACConfig)}
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"awac"}
-    unknown = set(values) - awac_fields - run_fields
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"awac", "dynamics", "mb2po"}
+    unknown = set(values) - awac_fields - run_fields - set(DYNAMICS_FLAGS) - set(MB2PO_FLAGS)
     if unknown:
         raise ConfigError(f"unknown configuration field(s): {sorted(unknown)}")
     awac = AWACConfig(**{k: v for k, v in values.items() if k in awac_fields})
-    run = RunConfig(awac=awac, **{k: v for k, v in values.items() if k in run_fields})
+    dynamics = DynamicsConfig(**{DYNAMICS_FLAGS[k]: v for k, v in values.items() if k in DYNAMICS_FLAGS})
+    mb2po = MB2POConfig(**{MB2PO_FLAGS[k]: v for k, v in values.items() if k in MB2PO_FLAGS})
+    run = RunConfig(awac=awac, dynamics=dynamics, mb2po=mb2po,
+                    **{k: v for k, v in values.items() if k in run_fields})
     return run.validate()
 
 

@@ -553,3 +553,38 @@ def fit_dynamics(
         if early_stopping and int(state.epochs_since_improvement) >= config.max_epochs_since_improvement:
             break
     return restore_best(state), history
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several seeds in one program (the pipeline's dynamics stage)
+
+
+def init_seeds(
+    keys: jax.Array, transitions: Any, config: DynamicsConfig = DynamicsConfig()
+) -> tuple[DynamicsState, dict[str, jax.Array], jax.Array]:
+    """One ensemble per seed, stacked on a leading [S] axis, with its own holdout split, normaliser,
+    initialisation and bootstrap sets: `fit_dynamics`'s set-up for each of keys [S, 2].
+
+    Returns (states [S], epoch data [S] for `make_train_epoch_seeds`, per-seed epoch keys [S, 2]).
+    Deterministic in the keys, so a resumed run rebuilds exactly the same data.
+    """
+    inputs, targets = transitions_to_arrays(transitions)
+    obs_dim = targets.shape[1] - 1
+    act_dim = inputs.shape[1] - obs_dim
+    states, datas, train_keys = [], [], []
+    for key in keys:
+        k_split, k_init, k_boot, k_train = jax.random.split(key, 4)
+        train, holdout = split_holdout(k_split, inputs, targets, config)
+        state = init_dynamics(k_init, obs_dim, act_dim, config, train["inputs"])
+        datas.append(make_epoch_data(k_boot, state, train, holdout))
+        states.append(state)
+        train_keys.append(k_train)
+    stack = lambda *xs: jnp.stack(xs)
+    return jax.tree.map(stack, *states), jax.tree.map(stack, *datas), jnp.stack(train_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_epoch_seeds(config: DynamicsConfig):
+    """`make_train_epoch` vmapped over a leading seed axis of (state, data, key, max_updates [S] int32):
+    a seed whose budget is 0 (stopped early, or out of steps) makes no update and keeps its snapshots."""
+    return jax.jit(jax.vmap(make_train_epoch(config)))

@@ -7,8 +7,14 @@ handles files (config.json, metrics.jsonl, checkpoints/<stage>/, results.json), 
     WORKDIR/metrics.jsonl     one JSON object per line: {"stage", "step", ...}; evaluations add
                               "return" and "normalized_score" (lists over seeds)
     WORKDIR/tensorboard/      the same metrics as TensorBoard event files
-    WORKDIR/checkpoints/awac  orbax checkpoints of the full training state
+    WORKDIR/checkpoints/awac  orbax checkpoints of the full training state, one directory per stage
+    WORKDIR/checkpoints/dynamics, WORKDIR/checkpoints/mb2po
     WORKDIR/results.json      written once, when every requested stage has finished
+
+Stages: `awac` (pretraining on D_beta), `dynamics` (one ensemble per seed, trained epoch by epoch with
+early stopping), `mb2po` (Algorithm 1, one compiled call per iteration). A later stage starts from the
+finished checkpoint of the earlier one, so `--stages=mb2po` alone continues a workdir whose AWAC and
+dynamics stages are done.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mb2po_jax import awac, config as config_lib
+from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po
+from mb2po_jax.termination import termination_fn_for
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.data import DEFAULT_DATASET, ensure_default_dataset, load_dataset, normalized_score
 from mb2po_jax.data.envs import env_spaces
@@ -36,7 +43,9 @@ from mb2po_jax.logger import MetricsWriter, Progress
 
 # Settings that define what a workdir's checkpoints are; a rerun that differs in one of them is refused.
 # Step counts, evaluation and checkpoint intervals may change between reruns (e.g. to extend a run).
-IDENTITY_FIELDS = ("dataset", "env", "seed", "num_seeds", "awac")
+IDENTITY_FIELDS = ("dataset", "env", "seed", "num_seeds", "awac", "dynamics", "mb2po")
+# MB2PO settings that may change between reruns (extending a run), like the step counts.
+MB2PO_SCHEDULE = ("iterations",)
 
 
 class Stopped(Exception):
@@ -128,11 +137,6 @@ class Run:
         self.preset = preset
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.stop = _StopFlag()
-        for stage in self.config.stages:
-            if stage != "awac":
-                raise ConfigError(
-                    f"--stages: stage {stage!r} is not available in this version (only 'awac' is)"
-                )
         if dataset is None:
             ensure_default_dataset()
             dataset = DEFAULT_DATASET
@@ -147,8 +151,10 @@ class Run:
     # ----------------------------------------------------------------------------------------- set-up
     def _identity(self, dataset_arg: str, env_arg: str | None) -> dict:
         cfg = config_lib.to_dict(self.config)
+        schedule_free = {k: v for k, v in cfg["mb2po"].items() if k not in MB2PO_SCHEDULE}
         return {"dataset": dataset_arg, "env": self.env_id, "seed": cfg["seed"],
-                "num_seeds": cfg["num_seeds"], "awac": cfg["awac"]}
+                "num_seeds": cfg["num_seeds"], "awac": cfg["awac"], "dynamics": cfg["dynamics"],
+                "mb2po": schedule_free}
 
     def _check_config(self, dataset_arg: str, env_arg: str | None) -> None:
         path = os.path.join(self.workdir, "config.json")
@@ -156,7 +162,9 @@ class Run:
         if os.path.exists(path):
             with open(path) as f:
                 previous = json.load(f)
-            diffs = [k for k in IDENTITY_FIELDS if previous.get("identity", {}).get(k) != identity[k]]
+            # Fields a workdir of an older version did not record are not compared.
+            diffs = [k for k in IDENTITY_FIELDS
+                     if k in previous.get("identity", {}) and previous["identity"][k] != identity[k]]
             if diffs:
                 details = "; ".join(
                     f"{k}: was {previous['identity'].get(k)!r}, now {identity[k]!r}" for k in diffs
@@ -249,6 +257,169 @@ class Run:
             progress.close()
         return state, final
 
+    def _finished_awac(self) -> awac.AWACState:
+        """The finished AWAC stage's state (what the later stages start from)."""
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "awac"))
+        try:
+            if ckpt.latest_step() is None:
+                raise ConfigError(f"{self.workdir}: no AWAC checkpoint; run --stages=awac first")
+            state, meta = ckpt.restore(self.init_awac())
+        finally:
+            ckpt.close()
+        if meta.get("final") is None or int(meta["step"]) < self.config.awac_steps:
+            raise ConfigError(f"{self.workdir}: the AWAC stage is not finished ({meta['step']} of "
+                              f"{self.config.awac_steps} steps); run --stages=awac first")
+        return state
+
+    # -------------------------------------------------------------------------------- dynamics stage
+    def _dynamics_transitions(self) -> dict[str, np.ndarray]:
+        """D_beta as the ensemble sees it: actions in the policy's [-1, 1] scale, true successors only."""
+        t = self.dataset.transitions
+        arrays = t.as_dict()
+        if not self.actions.is_identity:
+            arrays["actions"] = self.actions.to_unit(arrays["actions"])
+        return {**arrays, "next_valid": t.next_valid_mask}
+
+    def init_dynamics(self):
+        cfg = self.config
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1), cfg.num_seeds)
+        return dyn.init_seeds(keys, self._dynamics_transitions(), cfg.dynamics)
+
+    def run_dynamics(self, writer: MetricsWriter) -> dyn.DynamicsState:
+        """Trains one ensemble per seed until every seed has stopped early or `dynamics_steps` updates;
+        checkpointed after every epoch (so resume is exact and loses at most one epoch)."""
+        cfg = self.config
+        dcfg = cfg.dynamics
+        state, data, keys = self.init_dynamics()
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "dynamics"))
+        done = False
+        if ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(state)
+            done = bool(meta.get("done"))
+            self.log(f"[dynamics] resuming after epoch {int(np.max(state.epoch))} "
+                     f"({int(np.max(state.step))} updates)")
+            _truncate_metrics(self.metrics_path, "dynamics", int(np.max(state.step)))
+        if done:
+            self.log("[dynamics] already finished")
+            ckpt.close()
+            return dyn.restore_best(state)
+
+        epoch_fn = dyn.make_train_epoch_seeds(dcfg)
+        num_train = data["bootstrap"].shape[-1]
+        self.log(f"[dynamics] {cfg.num_seeds} seed(s) x {dcfg.num_members} members, {num_train} training / "
+                 f"{data['holdout_targets'].shape[1]} holdout transitions, {num_train // dcfg.batch_size} "
+                 f"updates per epoch, budget {cfg.dynamics_steps} updates")
+        progress = Progress(cfg.dynamics_steps, "dynamics", start_step=int(np.min(state.step)),
+                            min_interval_s=0.0)
+
+        def stopped(state):
+            since = np.asarray(state.epochs_since_improvement)
+            early = since >= dcfg.max_epochs_since_improvement if cfg.dynamics_early_stopping else False
+            return early | (np.asarray(state.step) >= cfg.dynamics_steps)
+
+        try:
+            while not np.all(stopped(state)):
+                budget = np.where(stopped(state), 0, cfg.dynamics_steps - np.asarray(state.step))
+                epoch_keys = jax.vmap(jax.random.fold_in)(keys, state.epoch)
+                state, metrics = epoch_fn(state, data, epoch_keys, jnp.asarray(budget, jnp.int32))
+                metrics = jax.device_get(metrics)
+                step = int(np.max(state.step))
+                done = bool(np.all(stopped(state)))
+                writer.write("dynamics", step, {
+                    "train_loss": metrics["train_loss"], "holdout_mse": metrics["holdout_mse"],
+                    "holdout_nll": metrics["holdout_nll"], "best_holdout_mse": state.best_holdout_mse,
+                    "elites": state.elites, "epoch": state.epoch, "updates": state.step,
+                })
+                progress.update(step, holdout_mse=float(np.mean(metrics["holdout_mse"])),
+                                stopped=f"{int(np.sum(stopped(state)))}/{cfg.num_seeds}")
+                ckpt.save(int(np.max(state.epoch)), state, {"done": done})
+                if self.stop.signal is not None and not done:
+                    ckpt.wait()
+                    raise Stopped(f"[dynamics] stopped after epoch {int(np.max(state.epoch))}; checkpoint "
+                                  f"saved in {ckpt.directory}; rerun the same command to resume")
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            progress.close()
+        self.log(f"[dynamics] done: best holdout MSE per seed "
+                 f"{np.round(np.min(np.asarray(state.best_holdout_mse), axis=-1), 5).tolist()}, "
+                 f"elites {np.asarray(state.elites).tolist()}")
+        return dyn.restore_best(state)
+
+    def _finished_dynamics(self) -> dyn.DynamicsState:
+        state, _, _ = self.init_dynamics()
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "dynamics"))
+        try:
+            if ckpt.latest_step() is None:
+                raise ConfigError(f"{self.workdir}: no dynamics checkpoint; run --stages=dynamics first")
+            state, meta = ckpt.restore(state)
+        finally:
+            ckpt.close()
+        if not meta.get("done"):
+            raise ConfigError(f"{self.workdir}: the dynamics stage is not finished; run --stages=dynamics")
+        return dyn.restore_best(state)
+
+    # ----------------------------------------------------------------------------------- MB2PO stage
+    def init_mb2po(self, agents: awac.AWACState) -> mb2po.MB2POState:
+        return mb2po.init_seeds(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim)
+
+    def run_mb2po(self, writer: MetricsWriter, agents: awac.AWACState, dyn_state: dyn.DynamicsState):
+        cfg, mcfg = self.config, self.config.mb2po
+        ring_bytes, rollout_bytes = mb2po.check_fits(mcfg, self.dataset.obs_dim, self.dataset.act_dim,
+                                                     cfg.num_seeds, mb2po.available_device_bytes())
+        self.log(f"[mb2po] memory: model rings {ring_bytes / 2**30:.2f} GiB ({cfg.num_seeds} seed(s) x "
+                 f"{mcfg.num_slots} iterations x {mcfg.rows_per_slot:,} rows, {mcfg.buffer_dtype}) + "
+                 f"{rollout_bytes / 2**30:.2f} GiB per rollout; h={mcfg.horizon}, "
+                 f"lambda={mcfg.penalty_coef}, omega={mcfg.omega}, penalty={mcfg.penalty}")
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "mb2po"))
+        state, it, final = self.init_mb2po(agents), 0, None
+        if ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(state)
+            it, final = int(meta["iteration"]), meta.get("final")
+            self.log(f"[mb2po] resuming from iteration {it}")
+            _truncate_metrics(self.metrics_path, "mb2po", it)
+        if final is not None and it >= mcfg.iterations:
+            self.log(f"[mb2po] already finished ({it} iterations)")
+            ckpt.close()
+            return state, final
+
+        data = self._device_dataset()
+        models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
+        step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id))
+        act = jax.jit(lambda st, o: awac.act_seeds(st.agent, o))
+        progress = Progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
+        try:
+            while it < mcfg.iterations:
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, models, data)
+                metrics = jax.device_get(metrics)
+                it += 1
+                seconds = time.perf_counter() - t0
+                writer.write("mb2po", it, {**metrics, "seconds_per_iteration": seconds})
+                progress.update(it, s_per_iter=seconds,
+                                valid=int(np.mean(metrics["rollout_num_valid"])),
+                                penalty=float(np.mean(metrics["rollout_mean_penalty"])),
+                                critic_loss=float(np.mean(metrics["critic_loss"])))
+                done = it >= mcfg.iterations
+                if it % cfg.mb2po_eval_every == 0 or done:
+                    scores = self._evaluate(lambda o: act(state, o))
+                    writer.write("mb2po", it, scores)
+                    self.log(f"[mb2po] iteration {it}: return {np.mean(scores['return']):.1f}, "
+                             f"normalized {np.mean(scores['normalized_score']):.1f}")
+                    if done:
+                        final = scores
+                if it % cfg.mb2po_checkpoint_every == 0 or done or self.stop.signal is not None:
+                    ckpt.save(it, state, {"iteration": it, "final": final})
+                if self.stop.signal is not None and not done:
+                    ckpt.wait()
+                    raise Stopped(f"[mb2po] stopped at iteration {it}; checkpoint saved in "
+                                  f"{ckpt.directory}; rerun the same command to resume")
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            progress.close()
+        return state, final
+
     # ------------------------------------------------------------------------------------------ all
     def __call__(self) -> dict:
         cfg = self.config
@@ -257,8 +428,15 @@ class Run:
         started = time.time()
         finals: dict[str, Any] = {}
         with self.stop.installed(), MetricsWriter(self.workdir) as writer:
+            agents = dyn_state = None
             if "awac" in cfg.stages:
-                _, finals["awac"] = self.run_awac(writer)
+                agents, finals["awac"] = self.run_awac(writer)
+            if "dynamics" in cfg.stages:
+                dyn_state = self.run_dynamics(writer)
+            if "mb2po" in cfg.stages:
+                agents = agents if agents is not None else self._finished_awac()
+                dyn_state = dyn_state if dyn_state is not None else self._finished_dynamics()
+                _, finals["mb2po"] = self.run_mb2po(writer, agents, dyn_state)
         results = {
             "dataset": self.dataset.name,
             "dataset_path": self.dataset.path,

@@ -48,16 +48,53 @@ flags.DEFINE_integer("num_components", None, "Mixture components of the tanh-GMM
 flags.DEFINE_list("actor_hidden_dims", None, "Actor hidden layer widths, e.g. 256,256,256.")
 flags.DEFINE_list("critic_hidden_dims", None, "Critic hidden layer widths, e.g. 256,256,256.")
 flags.DEFINE_boolean("normalize_observations", None, "Standardise observations with dataset stats.")
+# Dynamics ensemble (defaults in DynamicsConfig: MBPO/MOPO's).
+flags.DEFINE_integer("dynamics_steps", None, "Ensemble gradient-step budget (paper: 100000).")
+flags.DEFINE_boolean("dynamics_early_stopping", None, "Stop when no member's holdout MSE improved for "
+                     "--max_epochs_since_improvement epochs (MBPO); off: train the whole budget.")
+flags.DEFINE_integer("num_members", None, "Ensemble members (default 7; the paper used 5).")
+flags.DEFINE_integer("num_elites", None, "Members rollouts draw from, best by holdout MSE (default 5).")
+flags.DEFINE_list("dynamics_hidden_dims", None, "Member hidden widths (default 200,200,200,200).")
+flags.DEFINE_list("dynamics_weight_decay", None, "L2 coefficient per member layer (hidden layers + 1).")
+flags.DEFINE_float("dynamics_lr", None, "Ensemble Adam learning rate.")
+flags.DEFINE_integer("dynamics_batch_size", None, "Minibatch per member.")
+flags.DEFINE_float("holdout_fraction", None, "Fraction of D_beta held out for early stopping/elites.")
+flags.DEFINE_integer("max_holdout", None, "Cap on holdout rows.")
+flags.DEFINE_integer("max_epochs_since_improvement", None, "Early-stopping patience in epochs.")
+# MB2PO (defaults in MB2POConfig; horizon and penalty_coef per task from experiments/configs/tasks.json).
+flags.DEFINE_integer("mb2po_iterations", None, "MB2PO iterations (paper: 500).")
+flags.DEFINE_integer("imagined_steps", None, "Imagined steps per iteration (paper: 1000000).")
+flags.DEFINE_integer("updates_per_iteration", None, "AWAC updates per iteration (paper: 1000).")
+flags.DEFINE_integer("num_slots", None, "Iterations kept in the model ring (paper: 100).")
+flags.DEFINE_float("omega", None, "Fraction of each batch from the offline data (default 0.05).")
+flags.DEFINE_integer("horizon", None, "Rollout horizon h (default: per task, MOPO's table).")
+flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table).")
+flags.DEFINE_enum("penalty", None, ["max_std", "max_aleatoric", "ensemble_disagreement"],
+                  "Uncertainty u(s,a): the paper's max_std, or MOPO's variants.")
+flags.DEFINE_boolean("use_elites", None, "Draw rollout members from the elites only.")
+flags.DEFINE_enum("buffer_dtype", None, ["float32", "bfloat16"], "Storage dtype of the model ring.")
+flags.DEFINE_integer("rollout_chunk_size", None, "Trajectories per rollout chunk (default: by backend).")
+flags.DEFINE_integer("mb2po_eval_every", None, "Evaluate every this many MB2PO iterations.")
+flags.DEFINE_integer("mb2po_checkpoint_every", None, "Checkpoint (ring included) every this many iterations.")
+flags.DEFINE_string("task_config", None, "JSON table of per-task horizon/penalty_coef "
+                    "(default: experiments/configs/tasks.json).")
 
 
 def _overrides() -> dict:
     names = ["num_seeds", "awac_steps", "steps_per_call", "eval_every", "eval_episodes",
              "max_episode_steps", "checkpoint_every", "batch_size", "actor_lr", "critic_lr", "gamma",
-             "tau", "temperature", "max_weight", "num_components", "normalize_observations"]
+             "tau", "temperature", "max_weight", "num_components", "normalize_observations",
+             "dynamics_steps", "dynamics_early_stopping", "num_members", "num_elites", "dynamics_lr",
+             "dynamics_batch_size", "holdout_fraction", "max_holdout", "max_epochs_since_improvement",
+             "mb2po_iterations", "imagined_steps", "updates_per_iteration", "num_slots", "omega", "horizon",
+             "penalty_coef", "penalty", "use_elites", "buffer_dtype", "rollout_chunk_size",
+             "mb2po_eval_every", "mb2po_checkpoint_every"]
     values = {name: getattr(FLAGS, name) for name in names}
-    for name in ("actor_hidden_dims", "critic_hidden_dims"):
+    for name in ("actor_hidden_dims", "critic_hidden_dims", "dynamics_hidden_dims"):
         if getattr(FLAGS, name) is not None:
             values[name] = tuple(int(w) for w in getattr(FLAGS, name))
+    if FLAGS.dynamics_weight_decay is not None:
+        values["dynamics_weight_decay"] = tuple(float(w) for w in FLAGS.dynamics_weight_decay)
     values["seed"] = FLAGS.seed
     values["stages"] = tuple(FLAGS.stages)
     return values
@@ -72,8 +109,11 @@ def main(argv):
     from mb2po_jax import pipeline  # heavy imports after flag parsing, so --help is fast
 
     try:
-        config = config_lib.make_config(FLAGS.preset, _overrides())
         dataset_name = FLAGS.dataset
+        from mb2po_jax.data import DEFAULT_DATASET
+
+        task = config_lib.task_defaults(dataset_name or DEFAULT_DATASET, FLAGS.task_config)
+        config = config_lib.make_config(FLAGS.preset, _overrides(), task)
         workdir = FLAGS.workdir or os.path.join(
             "workdirs",
             f"{os.path.basename(dataset_name or 'default').replace('/', '_')}_{FLAGS.preset}_seed{FLAGS.seed}",

@@ -1,0 +1,193 @@
+"""MB2PO (paper section 4.3, Algorithm 1): AWAC fine-tuning inside the conservative model MDP.
+
+One iteration k, for every seed at once, as ONE compiled call:
+  1. sample `num_starts` start states s_1 from D_beta; roll the current policy out for h steps in the
+     ensemble (a uniformly drawn member per trajectory and step, penalised reward r - lambda * u(s, a),
+     trajectories stop at predicted termination)                                    -> rollout.rollout
+  2. the iteration's valid transitions become D_k, slot k % n of the model ring    -> buffer.add_rollout
+  3. `updates_per_iteration` AWAC steps on batches of exactly round(omega * B) rows of D_beta and the rest
+     uniformly from the last n iterations' valid rows                              -> buffer.mixed_batch
+
+The state is (AWAC state, model ring, iteration counter), every leaf with a leading seed axis [S]; the
+dynamics ensembles ([S] too: each seed fine-tunes in its own model) and the dataset are inputs, not state.
+The AWAC state carries its own PRNG key, so iteration k depends only on the state after iteration k - 1:
+N calls of one iteration equal any other split of the same N iterations (what makes resume exact).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mb2po_jax import awac, buffer as buf, dynamics as dyn, rollout as ro
+from mb2po_jax.errors import ConfigError
+from mb2po_jax.termination import TerminationFn
+
+
+@dataclasses.dataclass(frozen=True)
+class MB2POConfig:
+    """Defaults are the paper's (section 5 and Algorithm 1); h and lambda are per task (MOPO's table,
+    `experiments/configs`), omega = 0.05 as the earlier version of the paper and MOPO (SPEC section 1)."""
+
+    iterations: int = 500
+    imagined_steps: int = 1_000_000  # per iteration: horizon * num_starts (rounded down to a multiple)
+    updates_per_iteration: int = 1000
+    num_slots: int = 100  # n: iterations kept in the model ring
+    omega: float = 0.05  # fraction of every AWAC batch drawn from D_beta
+    horizon: int = 5
+    penalty_coef: float = 1.0  # lambda
+    penalty: str = "max_std"
+    use_elites: bool = True
+    buffer_dtype: str = "float32"
+    chunk_size: int | None = None  # None: rollout.default_chunk_size() for the backend
+
+    def __post_init__(self):
+        for name in ("iterations", "imagined_steps", "updates_per_iteration", "num_slots", "horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mb2po: {name} must be >= 1, got {getattr(self, name)}")
+        if self.imagined_steps < self.horizon:
+            raise ConfigError(
+                f"mb2po: imagined_steps={self.imagined_steps} is less than one trajectory of "
+                f"horizon={self.horizon}"
+            )
+        if not 0.0 <= self.omega <= 1.0:
+            raise ConfigError(f"mb2po: omega (fraction of real data per batch) must be in [0, 1], got {self.omega}")
+        self.rollout_config()  # validates penalty, chunk size
+        buf.BufferConfig(1, 1, dtype=self.buffer_dtype)  # validates dtype
+
+    @property
+    def num_starts(self) -> int:
+        return self.imagined_steps // self.horizon
+
+    @property
+    def rows_per_slot(self) -> int:
+        return self.num_starts * self.horizon
+
+    def rollout_config(self) -> ro.RolloutConfig:
+        return ro.RolloutConfig(horizon=self.horizon, penalty_coef=self.penalty_coef, penalty=self.penalty,
+                                use_elites=self.use_elites, chunk_size=self.chunk_size)
+
+    def buffer_config(self, obs_dim: int, act_dim: int) -> buf.BufferConfig:
+        return buf.BufferConfig(obs_dim, act_dim, num_slots=self.num_slots, rows_per_slot=self.rows_per_slot,
+                                dtype=self.buffer_dtype)
+
+
+class MB2POState(struct.PyTreeNode):
+    agent: awac.AWACState
+    buffer: buf.ModelBuffer
+    iteration: jax.Array  # int32, iterations done
+
+
+def init(agent: awac.AWACState, config: MB2POConfig, obs_dim: int, act_dim: int) -> MB2POState:
+    """MB2PO state for ONE seed from its pretrained AWAC state, with an empty ring."""
+    return MB2POState(agent=agent, buffer=buf.init_buffer(config.buffer_config(obs_dim, act_dim)),
+                      iteration=jnp.zeros((), jnp.int32))
+
+
+def init_seeds(agents: awac.AWACState, config: MB2POConfig, obs_dim: int, act_dim: int) -> MB2POState:
+    """agents [S] -> MB2POState [S]; each seed gets its own empty ring (its own rollouts)."""
+    empty = buf.init_buffer(config.buffer_config(obs_dim, act_dim))
+    s = agents.step.shape[0]
+    return MB2POState(agent=agents,
+                      buffer=jax.tree.map(lambda x: jnp.broadcast_to(x, (s,) + x.shape).copy(), empty),
+                      iteration=jnp.zeros((s,), jnp.int32))
+
+
+def policy_sample(agent: awac.AWACState, key: jax.Array, obs: jax.Array) -> jax.Array:
+    """The rollout's behaviour: a sample of the current AWAC policy (Algorithm 1: a_j ~ pi(s_j))."""
+    return awac.act(agent, obs, key)
+
+
+def iteration(
+    state: MB2POState,
+    dyn_state: dyn.DynamicsState,
+    dataset: awac.Batch,
+    *,
+    config: MB2POConfig,
+    termination_fn: TerminationFn,
+) -> tuple[MB2POState, dict[str, jax.Array]]:
+    """One MB2PO iteration for one seed (pure). dataset: D_beta on the device (policy action scale)."""
+    agent = state.agent
+    key, k_start, k_roll = jax.random.split(agent.key, 3)
+    agent = agent.replace(key=key)
+
+    start = ro.sample_start_states(k_start, dataset.observations, config.num_starts)
+    batch, rollout_metrics = ro.rollout(k_roll, agent, dyn_state, start, policy_fn=policy_sample,
+                                        termination_fn=termination_fn, config=config.rollout_config())
+    ring = buf.add_rollout(state.buffer, batch)
+
+    def mixed(data, key, batch_size):  # Algorithm 1: omega from D_beta, the rest from {D_k-i}
+        return awac.Batch.from_mapping(buf.mixed_batch(key, data[0], data[1], batch_size, config.omega))
+
+    agent, train_metrics = awac.train_steps(agent, (dataset, ring), config.updates_per_iteration, mixed)
+    metrics = {**train_metrics,
+               **{f"rollout_{k}": v for k, v in rollout_metrics.items()},
+               "buffer_rows": buf.num_valid(ring)}
+    return MB2POState(agent=agent, buffer=ring, iteration=state.iteration + 1), metrics
+
+
+@functools.lru_cache(maxsize=8)  # one compilation per (config, rule) in a process (resumes, tests)
+def make_iteration_fn(config: MB2POConfig, termination_fn: TerminationFn):
+    """Compiled `(state [S], dyn_state [S], dataset) -> (state [S], metrics [S])`: one iteration for every
+    seed. The state is donated (the ring is updated in place); do not reuse the argument."""
+
+    def one_seed(state, dyn_state, dataset):
+        return iteration(state, dyn_state, dataset, config=config, termination_fn=termination_fn)
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)), donate_argnums=0)
+
+
+def state_bytes(config: MB2POConfig, obs_dim: int, act_dim: int, num_seeds: int) -> int:
+    """Device bytes of the model rings of all seeds (the dominant part of the MB2PO state)."""
+    return num_seeds * buf.buffer_bytes(config.buffer_config(obs_dim, act_dim))
+
+
+def rollout_bytes(config: MB2POConfig, obs_dim: int, act_dim: int, num_seeds: int) -> int:
+    """Peak bytes of one iteration's rollout output before compaction into the ring (all seeds, float32)."""
+    floats_per_row = 2 * obs_dim + act_dim + 3
+    return num_seeds * config.rows_per_slot * (floats_per_row * 4 + 2)
+
+
+def check_fits(config: MB2POConfig, obs_dim: int, act_dim: int, num_seeds: int,
+               available_bytes: int | None, headroom: float = 0.8) -> tuple[int, int]:
+    """(ring bytes, rollout bytes); raises ConfigError, with what to change, if they cannot fit."""
+    ring = state_bytes(config, obs_dim, act_dim, num_seeds)
+    peak = rollout_bytes(config, obs_dim, act_dim, num_seeds)
+    if available_bytes is not None and ring + peak > headroom * available_bytes:
+        raise ConfigError(
+            f"mb2po: the model rings need {ring / 2**30:.2f} GiB ({num_seeds} seed(s) x {config.num_slots} "
+            f"iterations x {config.rows_per_slot:,} rows, obs_dim={obs_dim}, act_dim={act_dim}, "
+            f"{config.buffer_dtype}) plus {peak / 2**30:.2f} GiB for one iteration's rollout, but only "
+            f"{headroom * available_bytes / 2**30:.2f} GiB of {available_bytes / 2**30:.2f} GiB may be used: "
+            "lower --num_slots or --imagined_steps, use --buffer_dtype=bfloat16, or train fewer seeds"
+        )
+    return ring, peak
+
+
+def available_device_bytes() -> int | None:
+    """Free memory of the default device: accelerator stats when the backend has them, else host RAM."""
+    device = jax.devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def stack_seeds(trees: list[Any]) -> Any:
+    """[tree, ...] -> one tree with a leading seed axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
