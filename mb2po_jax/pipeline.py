@@ -144,6 +144,9 @@ class Run:
         self.env_id = self.dataset.env_id
         spaces = env_spaces(self.env_id)
         self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
+        if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
+            self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
+                                           self.config.num_seeds, mb2po.available_device_bytes())
         os.makedirs(self.workdir, exist_ok=True)
         self._check_config(dataset, env)
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
@@ -365,8 +368,7 @@ class Run:
 
     def run_mb2po(self, writer: MetricsWriter, agents: awac.AWACState, dyn_state: dyn.DynamicsState):
         cfg, mcfg = self.config, self.config.mb2po
-        ring_bytes, rollout_bytes = mb2po.check_fits(mcfg, self.dataset.obs_dim, self.dataset.act_dim,
-                                                     cfg.num_seeds, mb2po.available_device_bytes())
+        ring_bytes, rollout_bytes = self.memory
         self.log(f"[mb2po] memory: model rings {ring_bytes / 2**30:.2f} GiB ({cfg.num_seeds} seed(s) x "
                  f"{mcfg.num_slots} iterations x {mcfg.rows_per_slot:,} rows, {mcfg.buffer_dtype}) + "
                  f"{rollout_bytes / 2**30:.2f} GiB per rollout; h={mcfg.horizon}, "
@@ -425,6 +427,10 @@ class Run:
         cfg = self.config
         self.log(f"dataset {self.dataset.name}: {self.dataset.num_transitions} transitions, "
                  f"{self.dataset.num_episodes} episodes, env {self.env_id}; workdir {self.workdir}")
+        if "mb2po" in cfg.stages:
+            ring, peak = self.memory
+            self.log(f"MB2PO memory: model rings {ring / 2**30:.2f} GiB + {peak / 2**30:.2f} GiB per rollout "
+                     f"(available: {(mb2po.available_device_bytes() or 0) / 2**30:.1f} GiB)")
         started = time.time()
         finals: dict[str, Any] = {}
         with self.stop.installed(), MetricsWriter(self.workdir) as writer:

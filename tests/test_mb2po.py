@@ -1,0 +1,165 @@
+"""MB2PO stage: one iteration's behaviour, the three-stage pipeline end to end, exact resume, memory refusal."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mb2po_jax import awac, buffer as buf, config as config_lib, mb2po, pipeline
+from mb2po_jax.checkpoint import Checkpointer
+from mb2po_jax.errors import ConfigError
+from mb2po_jax.termination import hopper_termination, never_terminate
+from test_pipeline import _write_hopper_file
+from test_rollout import hand_state, ACT, OBS
+
+# Everything small: the point is behaviour, not learning.
+TINY = dict(
+    awac_steps=100, steps_per_call=50, eval_every=100, checkpoint_every=100, actor_hidden_dims=(32, 32),
+    critic_hidden_dims=(32, 32), batch_size=32, eval_episodes=1, max_episode_steps=20,
+    dynamics_steps=60, dynamics_hidden_dims=(32, 32), dynamics_weight_decay=(1e-5, 1e-5, 1e-5),
+    max_holdout=200, imagined_steps=400, updates_per_iteration=10, num_slots=2, mb2po_iterations=4,
+    mb2po_eval_every=4, mb2po_checkpoint_every=1, num_seeds=2,
+)
+STAGES = ("awac", "dynamics", "mb2po")
+
+
+def _config(**overrides):
+    return config_lib.make_config("smoke", {**TINY, "stages": STAGES, **overrides})
+
+
+def _agents(num_seeds=2, obs_dim=OBS, act_dim=ACT):
+    keys = jax.random.split(jax.random.PRNGKey(0), num_seeds)
+    cfg = awac.AWACConfig(actor_hidden_dims=(16,), critic_hidden_dims=(16,), batch_size=20)
+    return awac.init_seeds(keys, obs_dim, act_dim, cfg)
+
+
+def _dataset(n=300, obs_dim=OBS, act_dim=ACT, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(n, obs_dim)).astype(np.float32)
+    return awac.Batch.from_mapping({
+        "observations": obs, "actions": rng.uniform(-0.9, 0.9, (n, act_dim)),
+        "rewards": np.full(n, 7.0), "next_observations": obs, "terminals": np.zeros(n),
+    })
+
+
+def _stack(tree, s):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (s,) + x.shape), tree)
+
+
+def test_iteration_fills_the_ring_with_penalised_model_rows():
+    # A hand-built ensemble: every member predicts reward 1 and std exp(-1) on each of the 3 dims.
+    means = np.array([[0.0, 0.0, 1.0]] * 3)
+    dyn_state = hand_state(means, np.full((3, 3), -2.0), elites=[0, 1, 2])
+    cfg = mb2po.MB2POConfig(iterations=3, imagined_steps=100, updates_per_iteration=5, num_slots=2,
+                            horizon=4, penalty_coef=2.0)
+    state = mb2po.init_seeds(_agents(), cfg, OBS, ACT)
+    step = mb2po.make_iteration_fn(cfg, never_terminate)
+    models, data = _stack(dyn_state, 2), _dataset()
+    for k in range(3):
+        state, metrics = step(state, models, data)
+    # 3 iterations into a ring of 2: both slots full, write index wrapped.
+    np.testing.assert_array_equal(np.asarray(state.buffer.counts), [[100, 100]] * 2)
+    np.testing.assert_array_equal(np.asarray(state.buffer.num_written), [3, 3])
+    np.testing.assert_array_equal(np.asarray(state.iteration), [3, 3])
+    assert np.all(np.asarray(state.agent.step) == 15)
+    # Penalised reward = 1 - lambda * ||sigma||_2 with sigma_d = exp(-1) on 3 dims (bounded_var ~ exp(-2)).
+    std = np.sqrt(np.exp(-10.0) + np.exp(0.5) / (1 + np.exp(2.5)))
+    expected = 1.0 - 2.0 * np.sqrt(3) * std
+    rewards = np.asarray(state.buffer.rewards)
+    assert abs(rewards.mean() - expected) < 0.05 * abs(expected) + 0.05
+    assert metrics["rollout_num_valid"].tolist() == [100, 100]
+    # The seeds are independent programs: different policies, so different imagined actions.
+    acts = np.asarray(state.buffer.actions)
+    assert not np.allclose(acts[0], acts[1])
+
+
+def test_terminated_trajectories_stop_adding_rows():
+    # Hopper rule on obs_dim 2: height s[0] <= 0.7 terminates. Members push the height down by 0.3 per
+    # step from 1.25, so every trajectory terminates at step 2 (1.25 -> 0.95 -> 0.65): 2 rows each.
+    means = np.array([[-0.3, 0.0, 0.0]] * 3)
+    dyn_state = hand_state(means, np.full((3, 3), -200.0), elites=[0, 1, 2])
+    cfg = mb2po.MB2POConfig(iterations=1, imagined_steps=50, updates_per_iteration=1, num_slots=1,
+                            horizon=5)
+    data = _dataset()
+    data = data.replace(observations=jnp.asarray(np.tile([[1.25, 0.0]], (300, 1)), jnp.float32))
+    state = mb2po.init_seeds(_agents(), cfg, OBS, ACT)
+    state, metrics = mb2po.make_iteration_fn(cfg, hopper_termination)(state, _stack(dyn_state, 2), data)
+    assert metrics["rollout_num_valid"].tolist() == [20, 20]  # 10 starts x 2 steps
+    assert np.asarray(state.buffer.counts).tolist() == [[20], [20]]
+    assert np.asarray(state.buffer.terminals)[:, :20].sum() == 2 * 10
+
+
+def test_memory_check_refuses_what_cannot_fit():
+    cfg = mb2po.MB2POConfig()  # the paper's ring: 100 x 1M rows
+    ring, _ = mb2po.check_fits(cfg, 11, 3, 1, available_bytes=None)
+    assert abs(ring / 2**30 - 9.8) < 0.5  # 100 x 1M x (26 floats + 1 byte)
+    with pytest.raises(ConfigError, match=r"num_slots.*imagined_steps.*bfloat16"):
+        mb2po.check_fits(cfg, 11, 3, 4, available_bytes=24 * 2**30)
+    small = mb2po.MB2POConfig(imagined_steps=50_000, num_slots=20)
+    mb2po.check_fits(small, 11, 3, 4, available_bytes=24 * 2**30)
+
+
+def _run(workdir, data, **overrides):
+    run = pipeline.Run(str(workdir), data, None, _config(**overrides), log=lambda msg: None)
+    return run, run()
+
+
+def _mb2po_checkpoint(workdir, run):
+    agents = run._finished_awac()
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "mb2po"))
+    state, meta = ckpt.restore(run.init_mb2po(agents))
+    ckpt.close()
+    return state, meta
+
+
+def test_three_stages_write_metrics_and_resume_exactly(tmp_path):
+    data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_a, results = _run(straight, data)
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == set(STAGES)
+    dyn_records = [r for r in records if r["stage"] == "dynamics"]
+    assert len(dyn_records[-1]["holdout_mse"]) == 2 and len(dyn_records[-1]["elites"][0]) == 5
+    mb_records = [r for r in records if r["stage"] == "mb2po"]
+    assert [r["step"] for r in mb_records if "return" not in r] == [1, 2, 3, 4]
+    assert [len(r["normalized_score"]) for r in mb_records if "return" in r] == [2]
+    assert set(results["final"]) == set(STAGES) - {"dynamics"}
+    assert len(results["final"]["mb2po"]["return"]) == 2
+    assert json.loads((straight / "results.json").read_text())["final"]["mb2po"] == results["final"]["mb2po"]
+
+    # The same run in two processes' worth of calls: stop after 2 iterations, then extend to 4.
+    _run(split, data, mb2po_iterations=2)
+    _, resumed = _run(split, data)
+    a, meta_a = _mb2po_checkpoint(straight, run_a)
+    b, meta_b = _mb2po_checkpoint(split, run_a)
+    assert meta_a["iteration"] == meta_b["iteration"] == 4
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert resumed["final"]["mb2po"] == results["final"]["mb2po"]
+    steps = [json.loads(l)["step"] for l in (split / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["stage"] == "mb2po" and "return" not in json.loads(l)]
+    assert steps == [1, 2, 3, 4]  # each iteration's line once
+
+
+def test_mb2po_alone_needs_finished_earlier_stages(tmp_path):
+    data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
+    with pytest.raises(ConfigError, match="run --stages=awac first"):
+        _run(tmp_path / "run", data, stages=("mb2po",))
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_cli_refuses_a_ring_that_cannot_fit(tmp_path):
+    data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
+    flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
+    out = subprocess.run(
+        [sys.executable, "-m", "mb2po_jax.train", "--dataset", data, "--workdir", str(tmp_path / "run"),
+         "--stages=awac,dynamics,mb2po", *flags, "--imagined_steps=100000000", "--num_slots=1000"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1
+    errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "GiB" in errors[0] and "--num_slots" in errors[0], out.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
