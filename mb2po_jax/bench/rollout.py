@@ -71,13 +71,15 @@ def run(
     policy_hidden: tuple[int, ...] = (256, 256, 256),
     min_time: float = 0.0,
     repeats: int = 2,
+    compare_torch: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """One iteration of `steps` imagined steps (steps // horizon start states), timed best-of (at least
     `repeats` calls after a warm-up, and `min_time` seconds). Termination uses the hopper rule; with random
     weights most trajectories stop early but every step's matmuls still run (static shapes), so the work is the same.
     chunk_size 0 and layout "auto" pick the backend's defaults (`rollout.default_chunk_size`,
-    `rollout.resolve_layout`)."""
+    `rollout.resolve_layout`). `compare_torch` also times an OfflineRL-Kit-style PyTorch rollout
+    (`torch_rollout`: einsum ensemble, numpy round trip every step) on the same shapes, right after."""
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
     rcfg = ro.RolloutConfig(
         horizon=horizon, penalty=penalty, use_elites=use_elites, chunk_size=chunk_size or None, layout=layout
@@ -105,6 +107,14 @@ def run(
     flops_per_step = members * dense_flops(1, sizes) + dense_flops(1, [obs_dim, *policy_hidden, 2 * act_dim])
     imagined = num_starts * horizon
     rate = imagined / seconds
+    extra: dict[str, Any] = {}
+    if compare_torch:
+        from mb2po_jax.bench import torch_rollout
+
+        ref = torch_rollout.imagined_steps_per_s(obs_dim, act_dim, steps, horizon, num_members, num_elites,
+                                                 repeats=repeats, seed=seed)
+        extra = {"torch_rows_per_s": ref["rows_computed_per_s"], "torch_threads": ref["torch_threads"],
+                 "speedup_vs_torch": rate / ref["rows_computed_per_s"]}
     return {
         "benchmark": "rollout",
         "imagined_steps_per_s": rate,
@@ -120,5 +130,6 @@ def run(
         "penalty": penalty,
         "compile_and_first_call_s": compile_and_first_s,
         "device": str(jax.devices()[0]),
+        **extra,
     }
 

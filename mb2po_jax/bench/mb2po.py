@@ -1,0 +1,91 @@
+"""Seconds per full MB2PO iteration (`mb2po.make_iteration_fn`): one rollout of `imagined_steps` imagined
+steps into the model ring, then `updates_per_iteration` AWAC updates on omega-mixed batches, for every seed,
+as the one compiled call the pipeline makes. Paper size: 1M steps + 1000 updates.
+
+Random-init networks (speed does not depend on the weights); the real AWAC policy (5-component tanh-GMM)
+acts in the rollout. The ring has `num_slots` slots (default 2: sampling cost does not depend on the ring
+length, only its memory does; the paper's 100 slots of 1M rows is 10 GB for hopper). FLOPs: the rollout's
+per-step matmuls (evaluated members + the GMM actor's forward) plus `bench.awac.update_flops` per update.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mb2po_jax import awac, dynamics as dyn, mb2po
+from mb2po_jax.bench.awac import update_flops
+from mb2po_jax.bench.common import block, dense_flops, matmul_flops_per_s, time_call
+from mb2po_jax.bench.rollout import random_dynamics_state
+from mb2po_jax.termination import hopper_termination
+
+
+def run(
+    obs_dim: int = 11,
+    act_dim: int = 3,
+    imagined_steps: int = 1_000_000,
+    updates_per_iteration: int = 1000,
+    horizon: int = 5,
+    num_slots: int = 2,
+    num_seeds: int = 1,
+    num_members: int = 7,
+    num_elites: int = 5,
+    dataset_size: int = 100_000,
+    repeats: int = 2,
+    min_time: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One full MB2PO iteration, timed best-of `repeats` calls after a compile-and-warm-up call."""
+    dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
+    mcfg = mb2po.MB2POConfig(imagined_steps=imagined_steps, updates_per_iteration=updates_per_iteration,
+                             horizon=horizon, num_slots=num_slots)
+    acfg = awac.AWACConfig()
+    k_dyn, k_agent, k_data = jax.random.split(jax.random.PRNGKey(seed), 3)
+    models = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_seeds,) + x.shape),
+                          random_dynamics_state(k_dyn, obs_dim, act_dim, dcfg).replace(opt_state=None,
+                                                                                        best_params=None))
+    obs = jax.random.normal(k_data, (dataset_size, obs_dim), jnp.float32)
+    obs = obs.at[:, 0].set(1.25)  # a healthy hopper height, so trajectories do not all stop at once
+    data = awac.Batch(observations=obs, actions=jnp.tanh(obs[:, :act_dim]), rewards=obs[:, 1],
+                      next_observations=obs, terminals=jnp.zeros((dataset_size,)))
+    agents = awac.init_seeds(jax.random.split(k_agent, num_seeds), obs_dim, act_dim, acfg)
+    state = mb2po.init_seeds(agents, mcfg, obs_dim, act_dim)
+    step = mb2po.make_iteration_fn(mcfg, hopper_termination)
+
+    holder = [state]
+
+    def call():
+        holder[0], metrics = step(holder[0], models, data)  # the state is donated: carry it forward
+        return metrics
+
+    t0 = time.perf_counter()
+    block(call())
+    compile_and_first_s = time.perf_counter() - t0
+    peak = matmul_flops_per_s()
+    seconds = time_call(call, min_time=min_time, min_repeats=repeats)
+    peak = max(peak, matmul_flops_per_s())
+
+    sizes = dyn._layer_sizes(dcfg, obs_dim, act_dim)
+    k = acfg.num_components
+    actor = [obs_dim, *acfg.actor_hidden_dims, k + 2 * k * act_dim]
+    members = num_elites  # the default max_std penalty evaluates the elites
+    rollout_flops = mcfg.rows_per_slot * (members * dense_flops(1, sizes) + dense_flops(1, actor))
+    train_flops = updates_per_iteration * sum(update_flops(obs_dim, act_dim, acfg).values())
+    flops = num_seeds * (rollout_flops + train_flops)
+    return {
+        "benchmark": "mb2po",
+        "seconds_per_iteration": seconds,
+        "seconds_per_iteration_per_seed": seconds / num_seeds,
+        "flops_per_iteration": flops,
+        "rollout_flops_fraction": rollout_flops / (rollout_flops + train_flops),
+        "matmul_flops_per_s": peak,
+        "fraction_of_matmul_peak": flops / seconds / peak,
+        "projected_paper_protocol_hours": 500 * seconds / 3600.0,  # 500 iterations, this many seeds
+        "imagined_steps": mcfg.rows_per_slot,
+        "updates_per_iteration": updates_per_iteration,
+        "num_seeds": num_seeds,
+        "compile_and_first_call_s": compile_and_first_s,
+        "device": str(jax.devices()[0]),
+    }
