@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po
+from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, sharding
 from mb2po_jax.termination import termination_fn_for
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.data import DEFAULT_DATASET, ensure_default_dataset, load_dataset, normalized_score
@@ -147,6 +147,7 @@ class Run:
         if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
             self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
                                            self.config.num_seeds, mb2po.available_device_bytes())
+        self.mesh = sharding.seed_mesh(self.config.num_seeds)
         os.makedirs(self.workdir, exist_ok=True)
         self._check_config(dataset, env)
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
@@ -205,7 +206,7 @@ class Run:
         arrays = t.as_dict()
         if not self.actions.is_identity:
             arrays = {**arrays, "actions": self.actions.to_unit(arrays["actions"])}
-        return awac.Batch.from_mapping(arrays)
+        return sharding.replicate(awac.Batch.from_mapping(arrays), self.mesh)
 
     def init_awac(self) -> awac.AWACState:
         cfg = self.config
@@ -226,6 +227,7 @@ class Run:
             self.log(f"[awac] already finished ({step} steps)")
             ckpt.close()
             return state, final
+        state = sharding.shard_seeds(state, self.mesh)
 
         data = self._device_dataset()
         train = awac.make_train_steps(cfg.steps_per_call)
@@ -307,6 +309,7 @@ class Run:
             ckpt.close()
             return dyn.restore_best(state)
 
+        state, data, keys = sharding.shard_seeds((state, data, keys), self.mesh)
         epoch_fn = dyn.make_train_epoch_seeds(dcfg)
         num_train = data["bootstrap"].shape[-1]
         self.log(f"[dynamics] {cfg.num_seeds} seed(s) x {dcfg.num_members} members, {num_train} training / "
@@ -387,6 +390,7 @@ class Run:
 
         data = self._device_dataset()
         models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
+        state, models = sharding.shard_seeds((state, models), self.mesh)
         step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id))
         act = jax.jit(lambda st, o: awac.act_seeds(st.agent, o))
         progress = Progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
@@ -426,7 +430,8 @@ class Run:
     def __call__(self) -> dict:
         cfg = self.config
         self.log(f"dataset {self.dataset.name}: {self.dataset.num_transitions} transitions, "
-                 f"{self.dataset.num_episodes} episodes, env {self.env_id}; workdir {self.workdir}")
+                 f"{self.dataset.num_episodes} episodes, env {self.env_id}; workdir {self.workdir}; "
+                 f"{cfg.num_seeds} seed(s) on {sharding.describe(self.mesh)}")
         if "mb2po" in cfg.stages:
             ring, peak = self.memory
             self.log(f"MB2PO memory: model rings {ring / 2**30:.2f} GiB + {peak / 2**30:.2f} GiB per rollout "

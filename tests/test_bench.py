@@ -92,3 +92,22 @@ def test_update_flops_counts_the_critic_backward_on_both_halves():
     assert parts["critic_forward_2b"] == critic_fwd_2b
     # backward = weight grads of both layers + input grad of the second layer only
     assert parts["critic_backward_2b"] == 2 * 2 * (2 * 4) * (4 * 8 + 8 * 1 + 8 * 1)
+
+
+@pytest.mark.parametrize("name, args, rate_key", [
+    ("rollout", ["--steps", "2000", "--compare_torch", "--repeats", "1"], "imagined_steps_per_s"),
+    ("mb2po", ["--imagined_steps", "2000", "--updates_per_iteration", "5", "--dataset_size", "500",
+               "--repeats", "1"], "seconds_per_iteration"),
+])
+def test_model_based_benchmarks_print_their_documented_keys(name, args, rate_key):
+    if "--compare_torch" in args:
+        pytest.importorskip("torch")
+    proc = _bench(name, *args)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip())
+    assert out[rate_key] > 0 and out["matmul_flops_per_s"] > 0
+    assert 0 < out["fraction_of_matmul_peak"] < 2
+    if name == "rollout":
+        assert out["torch_rows_per_s"] > 0 and out["speedup_vs_torch"] > 0
+    else:
+        assert out["imagined_steps"] == 2000 and out["projected_paper_protocol_hours"] > 0
