@@ -19,6 +19,7 @@ def isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
     monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "local"))
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("MB2PO_BEHAVIOR_DIR", str(tmp_path / "behavior"))  # no behaviour-policy assets
 
 
 @pytest.fixture
@@ -123,12 +124,27 @@ def test_generate_random_then_use_it_by_name(tmp_path, capsys):
     assert load_dataset(out_path).env_id == "Walker2d-v5"
 
 
-def test_generate_unavailable_kind_is_a_clean_error(tmp_path, capsys):
+def test_generate_sac_kind_without_assets_is_a_clean_error(tmp_path, capsys):
     out_path = tmp_path / "medium.hdf5"
     assert run(["generate", "--env", "hopper", "--kind", "medium", "--size", "10", "--out", str(out_path)]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and "not available yet" in err
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: no behaviour-policy assets")
+    assert str(tmp_path / "behavior" / "hopper") in err and "mb2po-data export-behavior W --out" in err
     assert list(tmp_path.glob("*.hdf5")) == []
+
+
+def test_help_lists_every_kind_and_the_behavior_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["generate", "--help"])
+    assert e.value.code == 0
+    assert "{random,medium,medium-replay,expert,medium-expert}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    out = capsys.readouterr().out
+    assert "train-behavior" in out and "export-behavior" in out
+    with pytest.raises(SystemExit) as e:
+        run(["generate", "--env", "hopper", "--kind", "mediocre"])
+    assert e.value.code == 2 and "invalid choice: 'mediocre'" in capsys.readouterr().err
 
 
 def test_console_script_exit_codes_and_clean_streams(tmp_path, nan_file):

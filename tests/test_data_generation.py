@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mb2po_jax.data import generation, load_dataset, read_d4rl_hdf5
+from mb2po_jax.data import generation, load_dataset, read_d4rl_hdf5, registry
 from mb2po_jax.errors import DataError
 
 
@@ -14,6 +14,7 @@ from mb2po_jax.errors import DataError
 def isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "local"))
+    monkeypatch.setenv("MB2PO_BEHAVIOR_DIR", str(tmp_path / "behavior"))  # none: shipped assets do not count
 
 
 def hopper_unhealthy(obs: np.ndarray) -> np.ndarray:
@@ -68,9 +69,17 @@ def test_time_limit_gives_timeouts_not_terminals(tmp_path):
     assert len(ds.transitions) == 120 and ds.transitions.terminals.sum() == 0
 
 
-def test_other_kinds_are_not_available_yet(tmp_path):
-    with pytest.raises(DataError, match="'medium' is not available yet"):
+def test_every_kind_has_a_generator_and_a_d4rl_size():
+    assert list(generation.GENERATORS) == list(registry.LOCAL_KINDS)
+    assert generation.DEFAULT_SIZES == {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000,
+                                        "medium-expert": 2_000_000}  # medium-replay: the run's own
+
+
+def test_sac_kinds_without_assets_say_where_they_looked(tmp_path):
+    """The SAC-based kinds themselves are tested in test_behavior_assets."""
+    with pytest.raises(DataError, match="no behaviour-policy assets for Hopper-v5 in .*behavior/hopper") as e:
         generation.generate("hopper", "medium", size=10, path=str(tmp_path / "x.hdf5"))
+    assert "mb2po-data train-behavior --env hopper" in str(e.value)
     assert not os.path.exists(tmp_path / "x.hdf5")
     with pytest.raises(DataError, match="unknown dataset kind"):
         generation.generate("hopper", "mediocre", size=10)

@@ -52,6 +52,9 @@ the signature of `generation.rollout`, so each dataset kind is one rollout:
   expert / medium:  generation.rollout(env_id, asset_policy(dir, kind, seed), size, seed)
   medium-replay:    policy, size = medium_replay_policy(dir, seed); generation.rollout(env_id, policy, size, seed)
 Choosing the expert and medium snapshots of a finished run: `select_policies` (D4RL's rule, documented there).
+The dataset kinds are made from the assets by `generation.generate` (`mb2po-data generate --kind medium`), which
+looks them up in $MB2PO_BEHAVIOR_DIR/<env>/ or the shipped mb2po_jax/assets/behavior/<env>/; the whole chain is
+`mb2po-data train-behavior`, `mb2po-data export-behavior`, `mb2po-data generate`.
 """
 from __future__ import annotations
 
@@ -631,6 +634,25 @@ def _read_run(workdir: str) -> dict:
     """The run's settings (env_id, seed, config), written to run.json when training starts."""
     with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_run_settings(workdir: str) -> tuple[str, int, BehaviorConfig] | None:
+    """(env_id, seed, BehaviorConfig) of the run in `workdir`, None if none was started there.
+
+    What resuming needs: `mb2po-data train-behavior` continues a run with the settings it was started with
+    instead of flag defaults, which `train_behavior` would refuse as another run (or would silently extend
+    to, for total_steps).
+    """
+    if not os.path.isfile(os.path.join(workdir, "run.json")):
+        return None
+    run = _read_run(workdir)
+    fields = {f.name for f in dataclasses.fields(BehaviorConfig)}
+    cfg = {k: v for k, v in run["config"].items() if k in fields}
+    sac_fields = {f.name for f in dataclasses.fields(sac.SACConfig)}
+    sac_cfg = {k: v for k, v in cfg.pop("sac", {}).items() if k in sac_fields}
+    if "hidden_dims" in sac_cfg:  # JSON has lists; the config is a static (hashable) jit argument
+        sac_cfg["hidden_dims"] = tuple(sac_cfg["hidden_dims"])
+    return run["env_id"], int(run["seed"]), BehaviorConfig(**cfg, sac=sac.SACConfig(**sac_cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

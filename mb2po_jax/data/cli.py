@@ -2,7 +2,14 @@
 
     mb2po-data validate PATH|NAME [--env ID]          one summary line, exit 0; or one error line, exit 1
     mb2po-data info PATH|NAME [--env ID] [--json]
-    mb2po-data generate --env hopper --kind random [--size N] [--seed S] [--out PATH]
+    mb2po-data generate --env hopper --kind random|medium|medium-replay|expert|medium-expert [--size N]
+                        [--seed S] [--out PATH]
+    mb2po-data train-behavior --env hopper --workdir W [--total_steps N] [--seed S]
+    mb2po-data export-behavior W --out DIR [--replay_every N]
+
+The SAC-based kinds are rollouts of one online SAC run's policies (`mb2po_jax.data.behavior`):
+`train-behavior` trains them (resumable: run it again to continue), `export-behavior` writes the small
+assets that `generate` reads from $MB2PO_BEHAVIOR_DIR/<env>/ or the shipped mb2po_jax/assets/behavior/<env>/.
 
 Bad input never shows a traceback: the problem is printed as one line `error: ...` on stderr, exit status 1.
 """
@@ -10,6 +17,7 @@ Bad input never shows a traceback: the problem is printed as one line `error: ..
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +25,7 @@ import sys
 
 import numpy as np
 
-from mb2po_jax.errors import DataError
+from mb2po_jax.errors import ConfigError, DataError, Mb2poError
 from mb2po_jax.data import generation, registry
 from mb2po_jax.data.loader import load_dataset
 
@@ -112,6 +120,73 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_train_behavior(args) -> int:
+    from mb2po_jax.data import behavior
+
+    env_id = registry.env_id_for(args.env)
+    saved = behavior.read_run_settings(args.workdir)  # resuming: the run's own settings, not flag defaults
+    _, seed, config = saved or (env_id, 0, behavior.BehaviorConfig())
+    seed = seed if args.seed is None else args.seed  # another seed is another run: train_behavior refuses it
+    if args.total_steps is not None:
+        config = dataclasses.replace(config, total_steps=args.total_steps)
+    what = "resuming" if saved else "starting"
+    print(f"mb2po-data: {what} SAC on {env_id} in {args.workdir} ({config.total_steps} env steps, seed {seed})",
+          file=sys.stderr, flush=True)
+    try:
+        out = behavior.train_behavior(args.env, args.workdir, seed=seed, config=config)
+    except ValueError as e:  # another run's workdir, settings that do not fit together
+        raise ConfigError(str(e)) from e
+    last = out["last_eval"] or {}
+    line = (f"trained SAC on {env_id} to step {out['step']} in {args.workdir}: last evaluation return "
+            f"{_number(last.get('return'))} (normalized {_number(last.get('normalized_score'))})")
+    chosen = os.path.join(args.workdir, "behavior.json")
+    if os.path.isfile(chosen):
+        with open(chosen, encoding="utf-8") as f:
+            summary = json.load(f)
+        medium = summary["medium"]
+        line += f"; expert step {summary['expert']['step']}, " + (
+            f"medium step {medium['step']}; next: mb2po-data export-behavior {args.workdir} --out "
+            f"{generation.behavior_asset_dir(env_id)}"
+            if medium else "no medium policy (no evaluation near a third of the expert's return)")
+    print(line)
+    return 0
+
+
+def _number(x) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.1f}"
+
+
+def _cmd_export_behavior(args) -> int:
+    from mb2po_jax.data import behavior
+
+    if not os.path.isfile(os.path.join(args.workdir, "run.json")):
+        raise DataError(f"{args.workdir}: no behaviour run there (no run.json); train one with "
+                        f"`mb2po-data train-behavior --env ENV --workdir {args.workdir}`")
+    try:
+        m = behavior.export_assets(args.workdir, args.out, replay_every=args.replay_every)
+    except ValueError as e:  # no evaluations yet, no medium policy, no warm-up snapshot
+        raise DataError(str(e)) from e
+    mr = m["medium_replay"]
+    policies = ", ".join(f"{kind} step {m[kind]['step']} return {_number(m[kind]['return'])} (normalized "
+                         f"{_number(m[kind]['normalized_score'])})" for kind in ("expert", "medium"))
+    print(f"wrote {args.out}: {m['env_id']} SAC seed {m['seed']}: {policies}; medium-replay "
+          f"{mr['transitions']} transitions ({mr['random_steps']} random, then {len(mr['snapshots'])} actors); "
+          f"{_use_assets_hint(args.out, m['env_id'])}")
+    return 0
+
+
+def _use_assets_hint(out: str, env_id: str) -> str:
+    """How `generate` finds assets written to `out`: it looks in <root>/<env>/ only."""
+    env = registry.env_key(env_id) or env_id
+    out = os.path.abspath(out)
+    command = f"mb2po-data generate --env {env} --kind medium"
+    if out == os.path.join(generation.PACKAGE_BEHAVIOR_DIR, env):
+        return f"generate with `{command}`"
+    if os.path.basename(out) == env:
+        return f"generate with `{generation.BEHAVIOR_DIR_VAR}={os.path.dirname(out)} {command}`"
+    return f"generate looks in ${generation.BEHAVIOR_DIR_VAR}/{env}/: move or link the directory there"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mb2po-data", description="Validate, inspect and generate datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,12 +206,35 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="make a D4RL-style dataset in the real environment")
     p.add_argument("--env", required=True, help="hopper, halfcheetah, walker2d, or any Gymnasium id")
-    p.add_argument("--kind", required=True, choices=registry.LOCAL_KINDS)
-    p.add_argument("--size", type=int, default=1_000_000, help="transitions (default: D4RL's 1,000,000)")
+    kinds = [k for k in registry.LOCAL_KINDS if k in generation.GENERATORS]
+    p.add_argument("--kind", required=True, choices=kinds,
+                   help="random: uniform actions; medium, expert: the behaviour SAC run's medium / expert policy; "
+                        "medium-replay: its policies up to medium, as its replay buffer held them; medium-expert: "
+                        "medium rows then expert rows. All but random need behaviour-policy assets "
+                        "(see train-behavior, export-behavior)")
+    p.add_argument("--size", type=int, default=None,
+                   help="transitions (default: D4RL's: 1,000,000; medium-expert 2,000,000, half each; "
+                        "medium-replay all of the run's steps up to the medium policy, the most it can have)")
     p.add_argument("--seed", type=int, default=generation.DEFAULT_SEED)
     p.add_argument("--out", default=None, help="output file (default: the local name's file in "
                                                 "$MB2PO_DATA_DIR or ~/.cache/mb2po_jax/datasets)")
     p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("train-behavior", help="train the behaviour policies: online SAC, resumable (hours)")
+    p.add_argument("--env", required=True, help="hopper, halfcheetah, walker2d, or a Gymnasium id")
+    p.add_argument("--workdir", required=True, help="run directory; the same command again resumes it")
+    p.add_argument("--total_steps", type=int, default=None,
+                   help="environment steps (default: the run's own when resuming, else 1,000,000)")
+    p.add_argument("--seed", type=int, default=None, help="default: the run's own when resuming, else 0")
+    p.set_defaults(fn=_cmd_train_behavior)
+
+    p = sub.add_parser("export-behavior", help="write a trained run's expert, medium and medium-replay actors "
+                                                "as the assets `generate` reads")
+    p.add_argument("workdir", help="a train-behavior run directory")
+    p.add_argument("--out", required=True, help="asset directory, named after the env: $MB2PO_BEHAVIOR_DIR/hopper")
+    p.add_argument("--replay_every", type=int, default=10_000,
+                   help="env steps between the medium-replay actors (each one ~140 KB)")
+    p.set_defaults(fn=_cmd_export_behavior)
     return parser
 
 
@@ -145,7 +243,7 @@ def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.fn(args)
-    except DataError as e:
+    except Mb2poError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permission denied while writing

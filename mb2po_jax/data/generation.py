@@ -1,12 +1,21 @@
 """Making D4RL-style datasets in Gymnasium's MuJoCo environments (SPEC section 2: D4RL's recipe).
 
-`random` = uniform random policy. The SAC-based kinds (medium, medium-replay, expert, medium-expert) are added
-to `GENERATORS` by the SAC data module; `generate` and the CLI pick them up from there.
+`random` = uniform random policy. The SAC-based kinds are rollouts of the behaviour policies of one online SAC
+run (`mb2po_jax.data.behavior`, which trains them and exports them as small assets):
+  medium, expert   the stochastic policy of the exported medium / expert actor, `size` steps
+  medium-replay    the run's sequence of behaviour policies up to the medium one (`behavior.medium_replay_policy`)
+  medium-expert    the medium rows, then the expert rows (same seed), as D4RL concatenates its two files
+Assets: $MB2PO_BEHAVIOR_DIR/<env>/ if that variable is set, else the shipped mb2po_jax/assets/behavior/<env>/
+(<env> = hopper, halfcheetah, walker2d, or the Gymnasium id of other envs). All five kinds are in `GENERATORS`;
+the SAC ones import `behavior` only when called: it imports the data package, so importing it here at the top
+would close an import cycle (mb2po_jax.data imports this module).
 
 Files have D4RL's layout: observations, actions, rewards, next_observations (float32), terminals and timeouts
 (bool; terminal = the environment terminated, timeout = the time limit truncated), infos/qpos and infos/qvel
 (float64, the MuJoCo state behind observations[i]), infos/action_log_probs, and metadata attributes.
-Generation is deterministic: the same arguments and library versions give byte-identical files.
+Generation is deterministic: the same arguments and library versions give byte-identical files (the SAC
+kinds also need the same CPU kind: XLA's kernels, and so the sampled actions, may differ in the last bit
+between AVX2 and AVX-512 machines).
 """
 
 from __future__ import annotations
@@ -136,17 +145,186 @@ def generate_random(env_id: str, size: int, seed: int, path: str,
     return path
 
 
-def _generate_random_kind(env_id: str, size: int, seed: int, path: str) -> str:
-    return generate_random(env_id, size, seed, path)
+# D4RL's dataset sizes (transitions). medium-replay's is the behaviour run's own: every env step up to the
+# medium policy (the assets' manifest), so it has no fixed default.
+DEFAULT_SIZES = {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000, "medium-expert": 2_000_000}
+BEHAVIOR_DIR_VAR = "MB2PO_BEHAVIOR_DIR"
+PACKAGE_BEHAVIOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "assets", "behavior")
+SAC_KINDS = ("medium", "medium-replay", "expert", "medium-expert")
 
 
-# kind -> fn(env_id, size, seed, path) -> path. Other kinds register here (see the module docstring).
-GENERATORS: dict[str, Callable[[str, int, int, str], str]] = {"random": _generate_random_kind}
+def _generate_random_kind(env_id: str, size: int | None, seed: int, path: str) -> str:
+    return generate_random(env_id, DEFAULT_SIZES["random"] if size is None else size, seed, path)
 
 
-def generate(env: str, kind: str, *, size: int, seed: int = DEFAULT_SEED, path: str | None = None) -> str:
-    """Make a dataset of `kind` for `env` (key like 'hopper' or a Gymnasium id). Default path: the local
-    name's file in `registry.local_data_dir()`. Returns the path written."""
+# ------------------------------------------------------------------------------------- SAC-based kinds
+def behavior_asset_dir(env_id: str) -> str:
+    """Where the behaviour-policy assets of `env_id` are looked up.
+
+    $MB2PO_BEHAVIOR_DIR/<env>, when the variable is set, replaces the shipped mb2po_jax/assets/behavior/<env>
+    rather than adding to it: which policies made a dataset should never depend on what else is installed.
+    """
+    root = os.environ.get(BEHAVIOR_DIR_VAR) or PACKAGE_BEHAVIOR_DIR
+    return os.path.join(root, registry.env_key(env_id) or env_id)
+
+
+def _missing_assets(env_id: str, asset_dir: str, what: str) -> DataError:
+    env = registry.env_key(env_id) or env_id
+    return DataError(
+        f"no behaviour-policy assets for {env_id} in {asset_dir} ({what}); make them with `mb2po-data "
+        f"train-behavior --env {env} --workdir W` (a long SAC run, resumable), then `mb2po-data export-behavior "
+        f"W --out {asset_dir}` (or point ${BEHAVIOR_DIR_VAR} at a directory holding {env}/manifest.json)"
+    )
+
+
+def _asset_files(manifest: dict, kinds: tuple[str, ...]) -> list[str]:
+    """The actor files that the datasets of `kinds` are made from, in a fixed order."""
+    files = [manifest[k]["file"] for k in kinds if k != "medium-replay"]
+    if "medium-replay" in kinds:
+        files += [s["file"] for s in sorted(manifest["medium_replay"]["snapshots"], key=lambda s: s["step"])]
+    return files
+
+
+def load_behavior_assets(env_id: str, kinds: tuple[str, ...]) -> tuple[str, dict]:
+    """(asset dir, manifest) for `env_id`, checked to hold the actor files of `kinds`; DataError otherwise."""
+    from mb2po_jax.data import behavior
+
+    asset_dir = behavior_asset_dir(env_id)
+    if not os.path.isdir(asset_dir):
+        raise _missing_assets(env_id, asset_dir, "no such directory")
+    if not os.path.isfile(os.path.join(asset_dir, "manifest.json")):
+        raise _missing_assets(env_id, asset_dir, "no manifest.json")
+    try:
+        manifest = behavior.read_manifest(asset_dir)
+        files = _asset_files(manifest, kinds)
+    except (ValueError, KeyError, TypeError) as e:  # torn or foreign manifest
+        raise DataError(
+            f"{asset_dir}/manifest.json: not a behaviour-asset manifest ({type(e).__name__}: {e})") from e
+    if manifest.get("env_id") != env_id:
+        raise DataError(
+            f"{asset_dir}: the behaviour policies there are for {manifest.get('env_id')}, not {env_id}")
+    absent = [f for f in files if not os.path.isfile(os.path.join(asset_dir, f))]
+    if absent:
+        raise _missing_assets(env_id, asset_dir, f"{absent[0]}, listed in manifest.json, is missing")
+    return asset_dir, manifest
+
+
+def _provenance(asset_dir: str, manifest: dict, kinds: tuple[str, ...]) -> dict:
+    """Metadata naming the behaviour run and the exact asset files (sha256 of the manifest, then the actors)
+    a dataset was made from, and JAX's version: the policies sample with JAX's PRNG and kernels."""
+    import hashlib
+
+    import jax
+
+    digest = hashlib.sha256()
+    for name in ["manifest.json", *_asset_files(manifest, kinds)]:
+        with open(os.path.join(asset_dir, name), "rb") as f:
+            digest.update(f.read())
+    return {"behavior_seed": int(manifest["seed"]), "behavior_assets_sha256": digest.hexdigest(),
+            "jax_version": jax.__version__}
+
+
+def _in_env_bounds(policy: Policy, env_id: str) -> Policy:
+    """SAC acts in (-1, 1)^act_dim (training scales that to the env's bounds); do the same here. The
+    log-probability stays that of the (-1, 1) action. D4RL's envs have bounds +-1: the policy is unchanged."""
+    spaces = env_spaces(env_id)
+    low, high = spaces.act_low, spaces.act_high
+    if np.all(low == -1.0) and np.all(high == 1.0):
+        return policy
+
+    def act(obs):
+        a, log_prob = policy(obs)
+        return low + (np.asarray(a, np.float64) + 1.0) * 0.5 * (high - low), log_prob
+
+    return act
+
+
+def _sac_rollout(env_id: str, asset_dir: str, manifest: dict, kind: str, size: int | None, seed: int,
+                 max_episode_steps: int) -> tuple[dict[str, np.ndarray], int]:
+    """Arrays of one single-policy-sequence kind (medium, expert, medium-replay) and the rows made."""
+    from mb2po_jax.data import behavior
+
+    if kind == "medium-replay":
+        policy, transitions = behavior.medium_replay_policy(asset_dir, seed)
+        if size is not None and size > transitions:
+            raise DataError(
+                f"medium-replay of {env_id} has {transitions} transitions (the behaviour run's steps up to the "
+                f"medium policy, {asset_dir}); cannot make {size}")
+        size = transitions if size is None else size
+    else:
+        policy = behavior.asset_policy(asset_dir, kind, seed)
+        size = DEFAULT_SIZES[kind] if size is None else size
+    return rollout(env_id, _in_env_bounds(policy, env_id), size, seed, max_episode_steps), size
+
+
+def _medium_expert_sizes(size: int | None) -> tuple[int, int]:
+    """(medium rows, expert rows): D4RL's full 1 M + 1 M by default, else half each (medium gets the odd row)."""
+    if size is None:
+        return DEFAULT_SIZES["medium"], DEFAULT_SIZES["expert"]
+    if size < 2:
+        raise DataError(f"medium-expert needs at least 2 transitions (one of each half), got {size}")
+    return size - size // 2, size // 2
+
+
+def generate_sac(env_id: str, kind: str, size: int | None, seed: int, path: str,
+                 max_episode_steps: int = MAX_EPISODE_STEPS) -> str:
+    """A SAC-based dataset `kind` (SAC_KINDS) for `env_id`, `size` rows (None: the kind's D4RL size), written
+    to `path` atomically. Returns `path`. Missing behaviour assets: DataError saying where and how to make them.
+
+    medium-expert = the medium file's rows, then the expert file's, each made with `seed` (so it equals the
+    two files of the same seed and sizes concatenated); the seam is an episode end that the readers find from
+    next_observations (it is neither a terminal nor a timeout, as the last row of any file); metadata
+    `medium_size` says where it is.
+    """
+    if kind not in SAC_KINDS:
+        raise DataError(f"{kind!r} is not a SAC-based dataset kind; expected one of {', '.join(SAC_KINDS)}")
+    env_id = registry.env_id_for(env_id)
+    parts = ("medium", "expert") if kind == "medium-expert" else (kind,)
+    asset_dir, manifest = load_behavior_assets(env_id, parts)
+    metadata = {"algorithm": "sac", "kind": kind, "env_id": env_id, "seed": int(seed)}
+    if kind == "medium-expert":
+        sizes = _medium_expert_sizes(size)
+        halves = [_sac_rollout(env_id, asset_dir, manifest, k, n, seed, max_episode_steps)[0]
+                  for k, n in zip(parts, sizes)]
+        arrays = {name: np.concatenate([h[name] for h in halves]) for name in halves[0]}
+        metadata.update(size=sum(sizes), medium_size=sizes[0], expert_size=sizes[1],
+                        medium_policy_step=int(manifest["medium"]["step"]),
+                        expert_policy_step=int(manifest["expert"]["step"]))
+    else:
+        arrays, size = _sac_rollout(env_id, asset_dir, manifest, kind, size, seed, max_episode_steps)
+        metadata["size"] = int(size)
+        if kind == "medium-replay":  # the data are the run's env steps [0, policy_step)
+            mr = manifest["medium_replay"]
+            metadata.update(policy_step=int(mr["transitions"]), random_steps=int(mr["random_steps"]),
+                            policy_snapshots=len(mr["snapshots"]))
+        else:
+            metadata.update(policy_step=int(manifest[kind]["step"]),
+                            policy_eval_return=float(manifest[kind]["return"]))
+    metadata.update(max_episode_steps=int(max_episode_steps), **_provenance(asset_dir, manifest, parts),
+                    **_library_versions())
+    d4rl.write_d4rl_hdf5(path, arrays, metadata)
+    return path
+
+
+def _sac_kind(kind: str) -> Callable[[str, int | None, int, str], str]:
+    def make(env_id: str, size: int | None, seed: int, path: str) -> str:
+        return generate_sac(env_id, kind, size, seed, path)
+
+    make.__name__ = f"generate_{kind.replace('-', '_')}"
+    return make
+
+
+# kind -> fn(env_id, size or None for the kind's default, seed, path) -> path, in registry.LOCAL_KINDS order.
+GENERATORS: dict[str, Callable[[str, int | None, int, str], str]] = {
+    "random": _generate_random_kind, **{kind: _sac_kind(kind) for kind in SAC_KINDS}}
+
+
+def generate(env: str, kind: str, *, size: int | None = None, seed: int = DEFAULT_SEED,
+             path: str | None = None) -> str:
+    """Make a dataset of `kind` for `env` (key like 'hopper' or a Gymnasium id), `size` transitions (None:
+    D4RL's size for the kind, `DEFAULT_SIZES`; medium-replay: all of the behaviour run's). Default path: the
+    local name's file in `registry.local_data_dir()`. Returns the path written."""
     local = registry.local_name_for(env, kind)
     if kind not in GENERATORS:
         raise DataError(
