@@ -200,6 +200,26 @@ class Run:
             "normalized_score": _to_list(normalized_score(self.env_id, returns)),
         }
 
+    def _end_of_call(self, stage: str, unit: str, writer: MetricsWriter, ckpt: Checkpointer, state, step: int,
+                     *, done: bool, eval_due: bool, save_due: bool, act) -> dict | None:
+        """After one compiled call of a stage's loop: evaluate when due (the last evaluation is the stage's
+        final score, returned), checkpoint when due, at the end or on a signal, then stop on a signal.
+        The checkpoint meta is {unit: step, "final": scores or None}."""
+        final = None
+        if eval_due or done:
+            scores = self._evaluate(lambda o: act(state, o))
+            writer.write(stage, step, scores)
+            self.log(f"[{stage}] {unit} {step}: return {np.mean(scores['return']):.1f}, "
+                     f"normalized {np.mean(scores['normalized_score']):.1f}")
+            final = scores if done else None
+        if save_due or done or self.stop.signal is not None:
+            ckpt.save(step, state, {unit: step, "final": final})
+        if self.stop.signal is not None and not done:
+            ckpt.wait()
+            raise Stopped(f"[{stage}] stopped at {unit} {step}; checkpoint saved in {ckpt.directory}; "
+                          "rerun the same command to resume")
+        return final
+
     # ------------------------------------------------------------------------------------ AWAC stage
     def _device_dataset(self) -> awac.Batch:
         t = self.dataset.transitions
@@ -242,20 +262,10 @@ class Run:
                 rate = cfg.steps_per_call / (time.perf_counter() - t0)
                 writer.write("awac", step, {**metrics, "updates_per_s": rate})
                 progress.update(step, critic_loss=float(np.mean(metrics["critic_loss"])))
-                done = step >= cfg.awac_steps
-                if step % cfg.eval_every == 0 or done:
-                    scores = self._evaluate(lambda o: act(state, o))
-                    writer.write("awac", step, scores)
-                    self.log(f"[awac] step {step}: return {np.mean(scores['return']):.1f}, "
-                             f"normalized {np.mean(scores['normalized_score']):.1f}")
-                    if done:
-                        final = scores
-                if step % cfg.checkpoint_every == 0 or done or self.stop.signal is not None:
-                    ckpt.save(step, state, {"step": step, "final": final})
-                if self.stop.signal is not None and not done:
-                    ckpt.wait()
-                    raise Stopped(f"[awac] stopped at step {step}; checkpoint saved in "
-                                  f"{ckpt.directory}; rerun the same command to resume")
+                final = self._end_of_call(
+                    "awac", "step", writer, ckpt, state, step, done=step >= cfg.awac_steps,
+                    eval_due=step % cfg.eval_every == 0, save_due=step % cfg.checkpoint_every == 0,
+                    act=act) or final
         finally:
             ckpt.wait()
             ckpt.close()
@@ -406,20 +416,10 @@ class Run:
                                 valid=int(np.mean(metrics["rollout_num_valid"])),
                                 penalty=float(np.mean(metrics["rollout_mean_penalty"])),
                                 critic_loss=float(np.mean(metrics["critic_loss"])))
-                done = it >= mcfg.iterations
-                if it % cfg.mb2po_eval_every == 0 or done:
-                    scores = self._evaluate(lambda o: act(state, o))
-                    writer.write("mb2po", it, scores)
-                    self.log(f"[mb2po] iteration {it}: return {np.mean(scores['return']):.1f}, "
-                             f"normalized {np.mean(scores['normalized_score']):.1f}")
-                    if done:
-                        final = scores
-                if it % cfg.mb2po_checkpoint_every == 0 or done or self.stop.signal is not None:
-                    ckpt.save(it, state, {"iteration": it, "final": final})
-                if self.stop.signal is not None and not done:
-                    ckpt.wait()
-                    raise Stopped(f"[mb2po] stopped at iteration {it}; checkpoint saved in "
-                                  f"{ckpt.directory}; rerun the same command to resume")
+                final = self._end_of_call(
+                    "mb2po", "iteration", writer, ckpt, state, it, done=it >= mcfg.iterations,
+                    eval_due=it % cfg.mb2po_eval_every == 0, save_due=it % cfg.mb2po_checkpoint_every == 0,
+                    act=act) or final
         finally:
             ckpt.wait()
             ckpt.close()
