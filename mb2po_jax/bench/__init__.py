@@ -22,6 +22,7 @@ BENCHMARKS = {
     "rollout": "mb2po_jax.bench.rollout",
     "dynamics": "mb2po_jax.bench.dynamics",
     "mb2po": "mb2po_jax.bench.mb2po",
+    "all": "mb2po_jax.bench.all",
 }
 
 
