@@ -75,8 +75,9 @@ def test_every_kind_has_a_generator_and_a_d4rl_size():
                                         "medium-expert": 2_000_000}  # medium-replay: the run's own
 
 
-def test_sac_kinds_without_assets_say_where_they_looked(tmp_path):
+def test_sac_kinds_without_assets_say_where_they_looked(tmp_path, monkeypatch):
     """The SAC-based kinds themselves are tested in test_behavior_assets."""
+    monkeypatch.setenv("MB2PO_BEHAVIOR_DIR", str(tmp_path / "behavior"))  # an env with nothing shipped
     with pytest.raises(DataError, match="no behaviour-policy assets for Hopper-v5 in .*behavior/hopper") as e:
         generation.generate("hopper", "medium", size=10, path=str(tmp_path / "x.hdf5"))
     assert "mb2po-data train-behavior --env hopper" in str(e.value)
@@ -86,11 +87,12 @@ def test_sac_kinds_without_assets_say_where_they_looked(tmp_path):
 
 
 def test_default_dataset_is_generated_once(tmp_path, monkeypatch, capsys):
+    # The default is medium-replay from the shipped hopper assets; 150 rows lie in the uniform warm-up.
     monkeypatch.setattr(generation, "DEFAULT_DATASET_SIZE", 150)
     path = generation.ensure_default_dataset()
-    assert path == str(tmp_path / "local" / "hopper_random-local.hdf5")
+    assert path == str(tmp_path / "local" / "hopper_medium_replay-local.hdf5")
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "hopper-random-local" in err
+    assert err.count("\n") == 1 and "hopper-medium-replay-local" in err
     stamp = os.stat(path).st_mtime_ns
     assert generation.ensure_default_dataset() == path
     assert capsys.readouterr().err == ""

@@ -32,8 +32,10 @@ from mb2po_jax.data import d4rl, registry
 from mb2po_jax.data.envs import env_spaces, make_env
 
 MAX_EPISODE_STEPS = 1000  # D4RL's locomotion episodes
-DEFAULT_DATASET = "hopper-random-local"
-DEFAULT_DATASET_SIZE = 100_000
+# The built-in default of `mb2po-train`: a medium-replay dataset (where MB2PO has something to show, paper
+# Table 1), rolled out from the shipped hopper behaviour policies on first use; None = its full size.
+DEFAULT_DATASET = "hopper-medium-replay-local"
+DEFAULT_DATASET_SIZE: int | None = None
 DEFAULT_SEED = 0
 
 # policy(observation [obs_dim] float64) -> (action [act_dim], log-probability of that action)
@@ -334,13 +336,14 @@ def generate(env: str, kind: str, *, size: int | None = None, seed: int = DEFAUL
 
 
 def ensure_default_dataset() -> str:
-    """Path of DEFAULT_DATASET, generating it (DEFAULT_DATASET_SIZE transitions) on first use."""
+    """Path of DEFAULT_DATASET, generating it (DEFAULT_DATASET_SIZE transitions, None = the kind's default)
+    on first use."""
     local = registry.parse_local_name(DEFAULT_DATASET)
     path = local.path
     if not os.path.isfile(path):
         print(
-            f"mb2po-data: generating the default dataset {DEFAULT_DATASET} ({DEFAULT_DATASET_SIZE} transitions, "
-            f"{local.env_id}, seed {DEFAULT_SEED}) at {path}",
+            f"mb2po-data: generating the default dataset {DEFAULT_DATASET} "
+            f"({DEFAULT_DATASET_SIZE or 'all'} transitions, {local.env_id}, seed {DEFAULT_SEED}) at {path}",
             file=sys.stderr,
             flush=True,
         )
