@@ -75,9 +75,8 @@ def test_every_kind_has_a_generator_and_a_d4rl_size():
                                         "medium-expert": 2_000_000}  # medium-replay: the run's own
 
 
-def test_sac_kinds_without_assets_say_where_they_looked(tmp_path, monkeypatch):
+def test_sac_kinds_without_assets_say_where_they_looked(tmp_path):
     """The SAC-based kinds themselves are tested in test_behavior_assets."""
-    monkeypatch.setenv("MB2PO_BEHAVIOR_DIR", str(tmp_path / "behavior"))  # an env with nothing shipped
     with pytest.raises(DataError, match="no behaviour-policy assets for Hopper-v5 in .*behavior/hopper") as e:
         generation.generate("hopper", "medium", size=10, path=str(tmp_path / "x.hdf5"))
     assert "mb2po-data train-behavior --env hopper" in str(e.value)
@@ -87,7 +86,8 @@ def test_sac_kinds_without_assets_say_where_they_looked(tmp_path, monkeypatch):
 
 
 def test_default_dataset_is_generated_once(tmp_path, monkeypatch, capsys):
-    # The default is medium-replay from the shipped hopper assets; 150 rows lie in the uniform warm-up.
+    # The default is medium-replay from the SHIPPED hopper assets; 150 rows lie in the uniform warm-up.
+    monkeypatch.delenv("MB2PO_BEHAVIOR_DIR")
     monkeypatch.setattr(generation, "DEFAULT_DATASET_SIZE", 150)
     path = generation.ensure_default_dataset()
     assert path == str(tmp_path / "local" / "hopper_medium_replay-local.hdf5")
