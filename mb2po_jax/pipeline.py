@@ -357,8 +357,8 @@ class Run:
             ckpt.wait()
             ckpt.close()
             progress.close()
-        self.log(f"[dynamics] done: best holdout MSE per seed "
-                 f"{np.round(np.min(np.asarray(state.best_holdout_mse), axis=-1), 5).tolist()}, "
+        best = np.min(np.asarray(state.best_holdout_mse), axis=-1)
+        self.log(f"[dynamics] done: best holdout MSE per seed [{', '.join(f'{x:.4g}' for x in best)}], "
                  f"elites {np.asarray(state.elites).tolist()}")
         return dyn.restore_best(state)
 
