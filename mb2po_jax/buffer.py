@@ -150,16 +150,23 @@ def make_collect_fn(
     The buffer's rows_per_slot must equal horizon * num_starts.
     """
 
-    def collect(key, policy_params, dyn_state, dataset_observations, buffer):
-        k_start, k_roll = jax.random.split(key)
-        start = ro.sample_start_states(k_start, dataset_observations, num_starts)
-        batch, metrics = ro.rollout(
-            k_roll, policy_params, dyn_state, start,
-            policy_fn=policy_fn, termination_fn=termination_fn, config=rollout_config,
-        )
-        return add_rollout(buffer, batch), metrics
+    def fn(key, policy_params, dyn_state, dataset_observations, buffer):
+        return collect(key, policy_params, dyn_state, dataset_observations, buffer, policy_fn=policy_fn,
+                       termination_fn=termination_fn, rollout_config=rollout_config, num_starts=num_starts)
 
-    return jax.jit(collect, donate_argnums=4)
+    return jax.jit(fn, donate_argnums=4)
+
+
+def collect(key, policy_params, dyn_state, dataset_observations, buffer: ModelBuffer, *, policy_fn,
+            termination_fn, rollout_config: ro.RolloutConfig, num_starts: int):
+    """The pure body of `make_collect_fn` (also the first half of an MB2PO iteration)."""
+    k_start, k_roll = jax.random.split(key)
+    start = ro.sample_start_states(k_start, dataset_observations, num_starts)
+    batch, metrics = ro.rollout(
+        k_roll, policy_params, dyn_state, start,
+        policy_fn=policy_fn, termination_fn=termination_fn, config=rollout_config,
+    )
+    return add_rollout(buffer, batch), metrics
 
 
 def num_valid(buffer: ModelBuffer) -> jax.Array:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,13 +111,11 @@ def iteration(
 ) -> tuple[MB2POState, dict[str, jax.Array]]:
     """One MB2PO iteration for one seed (pure). dataset: D_beta on the device (policy action scale)."""
     agent = state.agent
-    key, k_start, k_roll = jax.random.split(agent.key, 3)
+    key, k_collect = jax.random.split(agent.key)
     agent = agent.replace(key=key)
-
-    start = ro.sample_start_states(k_start, dataset.observations, config.num_starts)
-    batch, rollout_metrics = ro.rollout(k_roll, agent, dyn_state, start, policy_fn=policy_sample,
-                                        termination_fn=termination_fn, config=config.rollout_config())
-    ring = buf.add_rollout(state.buffer, batch)
+    ring, rollout_metrics = buf.collect(k_collect, agent, dyn_state, dataset.observations, state.buffer,
+                                        policy_fn=policy_sample, termination_fn=termination_fn,
+                                        rollout_config=config.rollout_config(), num_starts=config.num_starts)
 
     def mixed(data, key, batch_size):  # Algorithm 1: omega from D_beta, the rest from {D_k-i}
         return awac.Batch.from_mapping(buf.mixed_batch(key, data[0], data[1], batch_size, config.omega))
@@ -187,7 +184,3 @@ def available_device_bytes() -> int | None:
         pass
     return None
 
-
-def stack_seeds(trees: list[Any]) -> Any:
-    """[tree, ...] -> one tree with a leading seed axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)

@@ -145,8 +145,9 @@ class Run:
         spaces = env_spaces(self.env_id)
         self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
         if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
+            self.available_bytes = mb2po.available_device_bytes()
             self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
-                                           self.config.num_seeds, mb2po.available_device_bytes())
+                                           self.config.num_seeds, self.available_bytes)
         self.mesh = sharding.seed_mesh(self.config.num_seeds)
         os.makedirs(self.workdir, exist_ok=True)
         self._check_config(dataset, env)
@@ -435,7 +436,7 @@ class Run:
         if "mb2po" in cfg.stages:
             ring, peak = self.memory
             self.log(f"MB2PO memory: model rings {ring / 2**30:.2f} GiB + {peak / 2**30:.2f} GiB per rollout "
-                     f"(available: {(mb2po.available_device_bytes() or 0) / 2**30:.1f} GiB)")
+                     f"(available: {(self.available_bytes or 0) / 2**30:.1f} GiB)")
         started = time.time()
         finals: dict[str, Any] = {}
         with self.stop.installed(), MetricsWriter(self.workdir) as writer:
