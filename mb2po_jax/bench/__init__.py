@@ -16,6 +16,8 @@ import math
 import sys
 from typing import Any, Callable, Sequence
 
+from mb2po_jax.bench.common import MissingDependency
+
 # name -> module; a module not written yet is reported as "not available", not as an unknown name.
 BENCHMARKS = {
     "awac": "mb2po_jax.bench.awac",
@@ -101,6 +103,9 @@ def run(argv: Sequence[str] | None = None) -> None:
         _fail(f"unknown benchmark '{name}' (choose from {', '.join(BENCHMARKS)})", 2)
     bench = _load(name)
     kwargs = vars(_parser(name, bench).parse_args(argv[1:]))
-    with contextlib.redirect_stdout(sys.stderr):
-        result = bench(**kwargs)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = bench(**kwargs)
+    except MissingDependency as e:
+        _fail(str(e), 1)
     print(json.dumps(_jsonable(result)), flush=True)

@@ -17,11 +17,14 @@ from typing import Any
 import jax
 
 from mb2po_jax.bench import awac, dynamics, mb2po, rollout
+from mb2po_jax.bench.common import require_torch
 
 
 def run(out: str = "bench.json", quick: bool = False, seeds: tuple[int, ...] = (1, 2, 4, 8),
         compare_torch: bool = False) -> dict[str, Any]:
     """Runs awac, dynamics, rollout, mb2po and AWAC seed scaling; writes `out` and returns the same dict."""
+    if compare_torch:
+        require_torch()
     steps = 100_000 if quick else 1_000_000
     updates = 100 if quick else 1000
     plan = {

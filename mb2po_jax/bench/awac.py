@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mb2po_jax import awac
-from mb2po_jax.bench.common import dense_flops, matmul_flops_per_s, time_call
+from mb2po_jax.bench.common import dense_flops, matmul_flops_per_s, require_torch, time_call
 
 
 def _backward_flops(rows: int, sizes: Sequence[int]) -> float:
@@ -189,6 +189,8 @@ def run(
     The torch reference is timed the same way (best-of chunks of `torch_steps_per_chunk` updates, by default
     `steps_per_call`) on the same data, one seed, with `torch_threads` intra-op threads (0: torch's
     default)."""
+    if compare_torch:
+        require_torch()
     config = awac.AWACConfig(
         actor_hidden_dims=tuple(hidden_dims),
         critic_hidden_dims=tuple(hidden_dims),

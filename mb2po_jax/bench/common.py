@@ -6,11 +6,23 @@ across sittings, an absolute rate is not.
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+
+class MissingDependency(RuntimeError):
+    """A benchmark option needs a package that is not installed; `run` prints it as one line, exit 1."""
+
+
+def require_torch() -> None:
+    """Fail before any work when a `--compare_torch` reference is asked for without PyTorch installed."""
+    if importlib.util.find_spec("torch") is None:
+        raise MissingDependency("--compare_torch needs PyTorch, which is not installed "
+                                "(pip install -e '.[bench]', or drop --compare_torch)")
 
 
 def block(tree: Any) -> Any:

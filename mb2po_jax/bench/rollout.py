@@ -16,7 +16,7 @@ import numpy as np
 
 from mb2po_jax import dynamics as dyn
 from mb2po_jax import rollout as ro
-from mb2po_jax.bench.common import block, dense_flops, matmul_flops_per_s, time_call
+from mb2po_jax.bench.common import block, dense_flops, matmul_flops_per_s, require_torch, time_call
 from mb2po_jax.termination import hopper_termination
 
 
@@ -80,6 +80,8 @@ def run(
     chunk_size 0 and layout "auto" pick the backend's defaults (`rollout.default_chunk_size`,
     `rollout.resolve_layout`). `compare_torch` also times an OfflineRL-Kit-style PyTorch rollout
     (`torch_rollout`: einsum ensemble, numpy round trip every step) on the same shapes, right after."""
+    if compare_torch:
+        require_torch()
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
     rcfg = ro.RolloutConfig(
         horizon=horizon, penalty=penalty, use_elites=use_elites, chunk_size=chunk_size or None, layout=layout

@@ -30,6 +30,7 @@ import mb2po_jax
 from mb2po_jax.errors import DataError
 from mb2po_jax.data import d4rl, registry
 from mb2po_jax.data.envs import env_spaces, make_env
+from mb2po_jax.logger import Progress
 
 MAX_EPISODE_STEPS = 1000  # D4RL's locomotion episodes
 # The built-in default of `mb2po-train`: a medium-replay dataset (where MB2PO has something to show, paper
@@ -56,8 +57,9 @@ def _library_versions() -> dict:
 
 
 def rollout(env_id: str, policy: Policy, size: int, seed: int,
-            max_episode_steps: int = MAX_EPISODE_STEPS) -> dict[str, np.ndarray]:
+            max_episode_steps: int = MAX_EPISODE_STEPS, desc: str | None = None) -> dict[str, np.ndarray]:
     """Run `policy` in the real environment for exactly `size` steps; D4RL-layout arrays (no metadata).
+    With `desc`, a progress line on stderr every few seconds (steps/s, ETA, episodes, mean episode return).
 
     The environment is seeded once, at its first reset; later resets continue its random stream, so a fixed
     seed (and a deterministic policy stream) reproduces the data. The last episode may be cut short by `size`.
@@ -80,9 +82,13 @@ def rollout(env_id: str, policy: Policy, size: int, seed: int,
         qpos = np.empty((size, sim_data.qpos.shape[0]), np.float64) if has_state else None
         qvel = np.empty((size, sim_data.qvel.shape[0]), np.float64) if has_state else None
 
+        progress = Progress(size, desc, min_interval_s=10.0) if desc else None
+        episodes, episode_return, returns_sum = 0, 0.0, 0.0
         obs, _ = env.reset(seed=seed)
         step = env.step
         for i in range(size):
+            if progress is not None and i % 1000 == 0:
+                progress.update(i, episodes=episodes, return_mean=returns_sum / max(episodes, 1))
             if has_state:
                 qpos[i] = sim_data.qpos
                 qvel[i] = sim_data.qvel
@@ -93,12 +99,17 @@ def rollout(env_id: str, policy: Policy, size: int, seed: int,
             rewards[i] = reward
             next_observations[i] = next_obs
             log_probs[i] = log_prob
+            episode_return += reward
             if terminated or truncated:
+                episodes, returns_sum, episode_return = episodes + 1, returns_sum + episode_return, 0.0
                 terminals[i] = terminated
                 timeouts[i] = truncated and not terminated
                 obs, _ = env.reset()
             else:
                 obs = next_obs
+        if progress is not None:
+            progress.update(size, episodes=episodes)
+            progress.close()
     finally:
         env.close()
     arrays = {
@@ -133,7 +144,7 @@ def generate_random(env_id: str, size: int, seed: int, path: str,
     def policy(_obs):
         return sampled[next(counter)], log_prob
 
-    arrays = rollout(env_id, policy, size, seed, max_episode_steps)
+    arrays = rollout(env_id, policy, size, seed, max_episode_steps, desc=f"random {env_id}")
     metadata = {
         "algorithm": "uniform_random",
         "kind": "random",
@@ -257,7 +268,8 @@ def _sac_rollout(env_id: str, asset_dir: str, manifest: dict, kind: str, size: i
     else:
         policy = behavior.asset_policy(asset_dir, kind, seed)
         size = DEFAULT_SIZES[kind] if size is None else size
-    return rollout(env_id, _in_env_bounds(policy, env_id), size, seed, max_episode_steps), size
+    arrays = rollout(env_id, _in_env_bounds(policy, env_id), size, seed, max_episode_steps, desc=f"{kind} {env_id}")
+    return arrays, size
 
 
 def _medium_expert_sizes(size: int | None) -> tuple[int, int]:
