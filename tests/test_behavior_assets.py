@@ -213,7 +213,10 @@ def test_cli_makes_the_api_bytes_for_every_kind_and_info_reads_them(made, tmp_pa
         assert run(["generate", "--env", env, "--kind", kind, "--size", str(size), "--seed", str(seed)]) == 0
         out, err = capsys.readouterr()
         local = os.path.join(str(tmp_path / "local"), f"hopper_{kind.replace('-', '_')}-local.hdf5")
-        assert err == "" and out.count("\n") == 1 and f"wrote {local}: " in out and f" {size} transitions" in out
+        assert out.count("\n") == 1 and f"wrote {local}: " in out and f" {size} transitions" in out
+        # stderr: only progress lines, each half of medium-expert ending with its "done" line
+        assert all(re.match(r"\[(medium|expert|medium-replay) Hopper-v5\] \d+/\d+ ", l) for l in err.splitlines()), err
+        assert sum(" done in " in l for l in err.splitlines()) == (2 if kind == "medium-expert" else 1), err
         if kind == "medium-replay":
             short, full = read_d4rl_hdf5(local), read_d4rl_hdf5(made(kind, None, 0))
             for key in (k for k in short if not k.startswith("metadata/")):
