@@ -45,6 +45,7 @@ def evaluate(
     seed: int,
     max_episode_steps: int = 1000,
     env_kwargs: dict | None = None,
+    first_seed_index: int = 0,
 ) -> EvalResult:
     """Runs `num_episodes` episodes of `env_id` for each of `num_seeds` policies, side by side.
 
@@ -52,6 +53,8 @@ def evaluate(
       environment step. Episodes that have ended keep receiving their last observation and their actions
       are ignored. Actions are clipped to the action space bounds before stepping.
     Episodes end at termination or after `max_episode_steps` steps (truncation).
+    first_seed_index: row s is training seed `first_seed_index + s` (reset seeds as in an evaluation of all
+      seeds), so a process evaluating only its own seeds gets the rows a whole evaluation would.
     """
     if num_seeds < 1 or num_episodes < 1:
         raise ValueError(f"evaluate: num_seeds={num_seeds} and num_episodes={num_episodes} must be >= 1")
@@ -75,7 +78,7 @@ def evaluate(
         obs = np.zeros((S * N, *obs_shape), np.float32)  # row s*N + j = episode j of seed s
         for i, env in enumerate(envs):
             s, j = divmod(i, N)
-            obs[i], _ = env.reset(seed=seed + _SEED_STRIDE * s + j)
+            obs[i], _ = env.reset(seed=seed + _SEED_STRIDE * (first_seed_index + s) + j)
         returns = np.zeros(S * N, np.float64)
         lengths = np.zeros(S * N, np.int64)
         active = np.ones(S * N, bool)

@@ -12,6 +12,11 @@ The state is (AWAC state, model ring, iteration counter), every leaf with a lead
 dynamics ensembles ([S] too: each seed fine-tunes in its own model) and the dataset are inputs, not state.
 The AWAC state carries its own PRNG key, so iteration k depends only on the state after iteration k - 1:
 N calls of one iteration equal any other split of the same N iterations (what makes resume exact).
+
+Devices (`sharding`): several seeds are split over a seed mesh by their leading axis (nothing mixes seeds).
+One seed on several devices uses a batch mesh: the rollout's trajectories (constrained where the policy
+sees them, inside the rollout's chunk loop), the ring's rows and the AWAC minibatch rows are split over
+the devices, parameters replicated; the random draws are the same as on one device.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mb2po_jax import awac, buffer as buf, dynamics as dyn, rollout as ro
+from jax.sharding import Mesh
+
+from mb2po_jax import awac, buffer as buf, dynamics as dyn, rollout as ro, sharding
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.termination import TerminationFn
 
@@ -96,6 +103,26 @@ def init_seeds(agents: awac.AWACState, config: MB2POConfig, obs_dim: int, act_di
                       iteration=jnp.zeros((s,), jnp.int32))
 
 
+def init_sharded(agents: awac.AWACState, config: MB2POConfig, obs_dim: int, act_dim: int,
+                 mesh: Mesh | None) -> MB2POState:
+    """`init_seeds` built directly in its layout on `mesh` (`state_shardings`): each device allocates only
+    its part of the rings (on several processes, only this process's shards are made)."""
+    build = lambda a: init_seeds(a, config, obs_dim, act_dim)
+    if mesh is None:
+        return build(agents)
+    return jax.jit(build, out_shardings=state_shardings(jax.eval_shape(build, agents), mesh))(agents)
+
+
+def state_shardings(state: MB2POState, mesh: Mesh):
+    """Shardings of an MB2POState [S] on `mesh`: seed mesh: every leaf split along seeds; batch mesh: the
+    ring's rows ([S, slots, R, ...], axis 2) split, everything else replicated."""
+    return MB2POState(
+        agent=jax.tree.map(lambda x: sharding.split_axis_sharding(0, mesh, 0), state.agent),
+        buffer=jax.tree.map(lambda x: sharding.split_axis_sharding(len(x.shape), mesh, 2), state.buffer),
+        iteration=sharding.split_axis_sharding(0, mesh, 0),
+    )
+
+
 def policy_sample(agent: awac.AWACState, key: jax.Array, obs: jax.Array) -> jax.Array:
     """The rollout's behaviour: a sample of the current AWAC policy (Algorithm 1: a_j ~ pi(s_j))."""
     return awac.act(agent, obs, key)
@@ -108,17 +135,26 @@ def iteration(
     *,
     config: MB2POConfig,
     termination_fn: TerminationFn,
+    mesh: Mesh | None = None,
 ) -> tuple[MB2POState, dict[str, jax.Array]]:
-    """One MB2PO iteration for one seed (pure). dataset: D_beta on the device (policy action scale)."""
+    """One MB2PO iteration for one seed (pure). dataset: D_beta on the device (policy action scale).
+    mesh: a batch mesh splits the trajectories, ring rows and minibatch rows over its devices (same
+    numbers up to reduction order); None or a seed mesh changes nothing here."""
+    rows = lambda x, axis=0: sharding.constrain_rows(x, mesh, axis)
+
+    def policy(agent, key, obs):  # obs [C, o]: one rollout chunk's trajectories, split over the devices
+        return rows(policy_sample(agent, key, rows(obs)))
+
     agent = state.agent
     key, k_collect = jax.random.split(agent.key)
     agent = agent.replace(key=key)
     ring, rollout_metrics = buf.collect(k_collect, agent, dyn_state, dataset.observations, state.buffer,
-                                        policy_fn=policy_sample, termination_fn=termination_fn,
+                                        policy_fn=policy, termination_fn=termination_fn,
                                         rollout_config=config.rollout_config(), num_starts=config.num_starts)
+    ring = rows(ring, 1)  # storage [slots, R, ...]: rows split; counters replicated
 
     def mixed(data, key, batch_size):  # Algorithm 1: omega from D_beta, the rest from {D_k-i}
-        return awac.Batch.from_mapping(buf.mixed_batch(key, data[0], data[1], batch_size, config.omega))
+        return awac.Batch.from_mapping(rows(buf.mixed_batch(key, data[0], data[1], batch_size, config.omega)))
 
     agent, train_metrics = awac.train_steps(agent, (dataset, ring), config.updates_per_iteration, mixed)
     metrics = {**train_metrics,
@@ -127,13 +163,14 @@ def iteration(
     return MB2POState(agent=agent, buffer=ring, iteration=state.iteration + 1), metrics
 
 
-@functools.lru_cache(maxsize=8)  # one compilation per (config, rule) in a process (resumes, tests)
-def make_iteration_fn(config: MB2POConfig, termination_fn: TerminationFn):
+@functools.lru_cache(maxsize=8)  # one compilation per (config, rule, mesh) in a process (resumes, tests)
+def make_iteration_fn(config: MB2POConfig, termination_fn: TerminationFn, mesh: Mesh | None = None):
     """Compiled `(state [S], dyn_state [S], dataset) -> (state [S], metrics [S])`: one iteration for every
-    seed. The state is donated (the ring is updated in place); do not reuse the argument."""
+    seed. The state is donated (the ring is updated in place); do not reuse the argument. With a batch
+    mesh, place the state with `state_shardings` (or build it with `init_sharded`)."""
 
     def one_seed(state, dyn_state, dataset):
-        return iteration(state, dyn_state, dataset, config=config, termination_fn=termination_fn)
+        return iteration(state, dyn_state, dataset, config=config, termination_fn=termination_fn, mesh=mesh)
 
     return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)), donate_argnums=0)
 
@@ -150,15 +187,18 @@ def rollout_bytes(config: MB2POConfig, obs_dim: int, act_dim: int, num_seeds: in
 
 
 def check_fits(config: MB2POConfig, obs_dim: int, act_dim: int, num_seeds: int,
-               available_bytes: int | None, headroom: float = 0.8) -> tuple[int, int]:
-    """(ring bytes, rollout bytes); raises ConfigError, with what to change, if they cannot fit."""
+               available_bytes: int | None, headroom: float = 0.8, share: float = 1.0) -> tuple[int, int]:
+    """(ring bytes, rollout bytes) of all seeds; raises ConfigError, with what to change, if the `share` of
+    them that lands in the memory `available_bytes` measures (1 / devices when a mesh splits the rings
+    over devices with their own memory) cannot fit."""
     ring = state_bytes(config, obs_dim, act_dim, num_seeds)
     peak = rollout_bytes(config, obs_dim, act_dim, num_seeds)
-    if available_bytes is not None and ring + peak > headroom * available_bytes:
+    if available_bytes is not None and share * (ring + peak) > headroom * available_bytes:
+        where = "" if share == 1.0 else f", of which {share:.3g} on one device"
         raise ConfigError(
             f"mb2po: the model rings need {ring / 2**30:.2f} GiB ({num_seeds} seed(s) x {config.num_slots} "
             f"iterations x {config.rows_per_slot:,} rows, obs_dim={obs_dim}, act_dim={act_dim}, "
-            f"{config.buffer_dtype}) plus {peak / 2**30:.2f} GiB for one iteration's rollout, but only "
+            f"{config.buffer_dtype}) plus {peak / 2**30:.2f} GiB for one iteration's rollout{where}, but only "
             f"{headroom * available_bytes / 2**30:.2f} GiB of {available_bytes / 2**30:.2f} GiB may be used: "
             "lower --num_slots or --imagined_steps, use --buffer_dtype=bfloat16, or train fewer seeds"
         )
@@ -166,8 +206,9 @@ def check_fits(config: MB2POConfig, obs_dim: int, act_dim: int, num_seeds: int,
 
 
 def available_device_bytes() -> int | None:
-    """Free memory of the default device: accelerator stats when the backend has them, else host RAM."""
-    device = jax.devices()[0]
+    """Free memory of this process's first device: accelerator stats when the backend has them, else host
+    RAM."""
+    device = jax.local_devices()[0]
     stats = None
     try:
         stats = device.memory_stats()

@@ -1,11 +1,27 @@
-"""Seeds across devices: the leading seed axis of every training state is sharded over a 1-D device mesh,
-datasets are replicated, and the compiled seed-vmapped programs (`jit(vmap(...))`) are partitioned by XLA
-from those input shardings (GSPMD): each device runs its own seeds, with no communication, because nothing
-in a training step mixes seeds. Results equal a one-device run up to floating-point reduction order.
+"""Devices and hosts: where every array of a run lives. One 1-D device mesh per run, of one of two kinds.
 
-With one device (the CPU default) every function here is the identity, so single-device code pays nothing.
-If `num_seeds` does not divide the number of devices, the mesh uses the largest device count that divides
-it (with a warning): 3 seeds on 4 devices run on 3, 6 seeds on 4 devices on 2.
+- Seed mesh (axis "seeds", several seeds): the leading seed axis of every training state is split over the
+  devices, datasets are replicated, and the compiled seed-vmapped programs (`jit(vmap(...))`) are
+  partitioned by XLA from those input shardings (GSPMD): each device runs its own seeds with no
+  communication, because nothing in a training step mixes seeds. If `num_seeds` does not divide the device
+  count, the mesh uses the largest device count that divides it (with a warning): 3 seeds on 4 devices run
+  on 3, 6 seeds on 4 devices on 2.
+- Batch mesh (axis "batch", one seed on several devices): states are replicated; inside an MB2PO iteration
+  the imagined trajectories, the model ring's rows and the AWAC minibatch rows are split over the devices
+  (`constrain_rows`, `split_axis`), parameters stay replicated and XLA inserts the reductions.
+
+Results equal a one-device run up to floating-point reduction order: every random draw is made with the
+same key and shape whatever the layout (JAX's PRNG values do not depend on sharding; with
+`jax_threefry_partitionable`, the default since JAX 0.5, a sharded draw is also computed shard by shard).
+
+Several processes (multi-host, after `jax.distributed.initialize`): `jax.devices()` lists every process's
+devices, the mesh takes the same number from each process (ordered by process, so process p holds a
+contiguous block of seeds), and every array here is a global `jax.Array` of which each process builds and
+fills only its own shards (`jax.make_array_from_callback`). Host code reads global arrays through `to_host`
+(a collective: every process must call it at the same point) and evaluates the seeds it holds
+(`process_seeds`, `local_rows`).
+
+With one device and one process (the CPU default) every function here is the identity or a plain read.
 """
 from __future__ import annotations
 
@@ -15,36 +31,81 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mb2po_jax.errors import ConfigError
+
 SEED_AXIS = "seeds"
+BATCH_AXIS = "batch"
 
 
-def seed_mesh(num_seeds: int, devices: list | None = None) -> Mesh | None:
-    """1-D mesh over the devices the seeds are split across; None when that is a single device."""
+def _by_process(devices: list) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for d in sorted(devices, key=lambda d: (getattr(d, "process_index", 0), getattr(d, "id", 0))):
+        out.setdefault(getattr(d, "process_index", 0), []).append(d)
+    return out
+
+
+def run_mesh(num_seeds: int, devices: list | None = None) -> Mesh | None:
+    """The run's mesh: a seed mesh for several seeds, a batch mesh for one seed on several devices, None
+    for one device. Across processes, every process contributes the same number of devices."""
     devices = list(jax.devices() if devices is None else devices)
-    n = math.gcd(num_seeds, len(devices))
+    per_process = _by_process(devices)
+    num_processes = len(per_process)
+    if num_seeds == 1:
+        return None if len(devices) == 1 else Mesh(np.asarray(_flatten(per_process)), (BATCH_AXIS,))
+    if num_seeds % num_processes:
+        raise ConfigError(f"--num_seeds={num_seeds} must be a multiple of the number of processes "
+                          f"({num_processes}) so that every process holds the same number of seeds")
+    n = math.gcd(num_seeds, len(devices))  # a multiple of num_processes when devices are even per process
     if n < len(devices) and len(devices) > 1:
         warnings.warn(f"{num_seeds} seed(s) do not divide over {len(devices)} devices: using {n} of them; "
                       f"choose --num_seeds as a multiple of {len(devices)} to use every device", stacklevel=2)
     if n <= 1:
         return None
-    return Mesh(np.asarray(devices[:n]), (SEED_AXIS,))
+    chosen = {p: ds[: n // num_processes] for p, ds in per_process.items()}
+    return Mesh(np.asarray(_flatten(chosen)), (SEED_AXIS,))
+
+
+def seed_mesh(num_seeds: int, devices: list | None = None) -> Mesh | None:
+    """1-D seed mesh over the devices the seeds are split across; None when that is a single device."""
+    if num_seeds == 1:
+        return None
+    return run_mesh(num_seeds, devices)
+
+
+def _flatten(per_process: dict[int, list]) -> list:
+    return [d for p in sorted(per_process) for d in per_process[p]]
+
+
+def is_batch_mesh(mesh: Mesh | None) -> bool:
+    return mesh is not None and mesh.axis_names == (BATCH_AXIS,)
+
+
+def _put_leaf(x: Any, sharding: NamedSharding) -> Any:
+    if not hasattr(x, "shape"):
+        return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard if needed
+        return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
+    host = np.asarray(x)  # identical on every process, so each fills only its own shards
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _put(tree: Any, sharding: NamedSharding) -> Any:
-    def put(x):
-        if not hasattr(x, "shape"):
-            return x
-        host = np.asarray(x)  # identical on every process, so each can fill its own shards
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(lambda x: _put_leaf(x, sharding), tree)
 
-    return jax.tree.map(put, tree)
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Every array leaf of `tree` on the matching leaf of `shardings` (a tree of NamedSharding)."""
+    return jax.tree.map(_put_leaf, tree, shardings)
 
 
 def shard_seeds(tree: Any, mesh: Mesh | None) -> Any:
-    """Every array leaf split over the mesh along its leading [S] axis."""
-    return tree if mesh is None else _put(tree, NamedSharding(mesh, P(SEED_AXIS)))
+    """Every array leaf split over a seed mesh along its leading [S] axis (replicated on a batch mesh)."""
+    if mesh is None:
+        return tree
+    return _put(tree, NamedSharding(mesh, P(SEED_AXIS) if not is_batch_mesh(mesh) else P()))
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
@@ -52,7 +113,109 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     return tree if mesh is None else _put(tree, NamedSharding(mesh, P()))
 
 
-def describe(mesh: Mesh | None) -> str:
+def split_axis_sharding(ndim: int, mesh: Mesh, axis: int) -> NamedSharding:
+    """Seed mesh: split the leading seed axis. Batch mesh: split `axis` (leaves with fewer dims replicated)."""
+    if not is_batch_mesh(mesh):
+        return NamedSharding(mesh, P(SEED_AXIS))
+    return NamedSharding(mesh, P(*([None] * axis), BATCH_AXIS) if ndim > axis else P())
+
+
+def split_axis(tree: Any, mesh: Mesh | None, axis: int) -> Any:
+    """Like `shard_seeds`, but on a batch mesh every leaf is split along `axis` (e.g. the ring's rows)."""
     if mesh is None:
-        return f"1 device ({jax.devices()[0].platform})"
-    return f"{mesh.size} devices ({mesh.devices.flat[0].platform}), seeds sharded over them"
+        return tree
+    return jax.tree.map(lambda x: _put_leaf(x, split_axis_sharding(np.ndim(x), mesh, axis)), tree)
+
+
+def constrain_rows(x: Any, mesh: Mesh | None, axis: int = 0) -> Any:
+    """Inside compiled code: the rows (`axis`) of every leaf of `x` split over a batch mesh; the identity
+    otherwise. Under `vmap` the axis counts in the unbatched shape."""
+    if not is_batch_mesh(mesh):
+        return x
+    return jax.tree.map(
+        lambda a: jax.lax.with_sharding_constraint(a, split_axis_sharding(a.ndim, mesh, axis)), x)
+
+
+# ------------------------------------------------------------------------------------------ host side
+def to_host(tree: Any) -> Any:
+    """Numpy copies of every leaf, global arrays of several processes included. A collective when some
+    leaf lives on other processes' devices: every process must call it at the same point."""
+
+    def get(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
+
+
+def process_seeds(num_seeds: int, mesh: Mesh | None) -> slice:
+    """The seeds this process evaluates: the ones whose shards it holds on a seed mesh; all of them on
+    process 0 (none elsewhere) when states are not seed-sharded."""
+    me = jax.process_index()
+    if mesh is None or is_batch_mesh(mesh):
+        return slice(0, num_seeds) if me == 0 else slice(0, 0)
+    per_device = num_seeds // mesh.size
+    mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == me]
+    if not mine:
+        return slice(0, 0)
+    return slice(mine[0] * per_device, (mine[-1] + 1) * per_device)
+
+
+def local_rows(tree: Any, rows: slice) -> Any:
+    """Rows `rows` of every leaf's leading axis, as arrays this process can compute with on its own
+    (a global array's rows are read from this process's shards, which must hold them)."""
+
+    def take(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x[rows] if hasattr(x, "shape") and np.ndim(x) else x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)[rows]
+        blocks = {}
+        for shard in x.addressable_shards:
+            start = shard.index[0].start or 0
+            blocks.setdefault(start, shard.data)
+        ordered = [np.asarray(blocks[s]) for s in sorted(blocks)]
+        first = min(blocks)
+        host = np.concatenate(ordered)
+        if rows.start < first or rows.stop > first + host.shape[0]:
+            raise ValueError(f"rows {rows} are not on this process (it holds [{first}, {first + host.shape[0]}))")
+        return jax.numpy.asarray(host[rows.start - first: rows.stop - first])
+
+    return jax.tree.map(take, tree)
+
+
+def combine_over_processes(values: np.ndarray, owned: slice) -> np.ndarray:
+    """values [S, ...]: rows `owned` computed by this process (others arbitrary) -> every row, on every
+    process (a collective with several processes; each row owned by exactly one process)."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    mask = np.zeros(values.shape[0], bool)
+    mask[owned] = True
+    masked = np.where(mask.reshape((-1,) + (1,) * (values.ndim - 1)), values, 0)
+    gathered = np.asarray(multihost_utils.process_allgather(masked))  # [P, S, ...]
+    masks = np.asarray(multihost_utils.process_allgather(mask))  # [P, S]
+    if not np.all(masks.sum(0) == 1):
+        raise RuntimeError(f"evaluation: seeds owned by {masks.sum(0).tolist()} processes, expected 1 each")
+    return gathered.sum(0).astype(values.dtype)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def describe(mesh: Mesh | None) -> str:
+    procs = "" if jax.process_count() == 1 else f" on {jax.process_count()} processes"
+    if mesh is None:
+        return f"1 device ({jax.devices()[0].platform}){procs}"
+    what = ("one seed, rollout and minibatch rows split over them" if is_batch_mesh(mesh)
+            else "seeds sharded over them")
+    return f"{mesh.size} devices ({mesh.devices.flat[0].platform}){procs}, {what}"

@@ -21,7 +21,12 @@ def test_readme_commands_come_first():
 
 
 def test_python_example_runs(tmp_path, monkeypatch, capsys):
+    from mb2po_jax.data import generation
+
     monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "data"))
+    # The example as written, on a shorter default dataset (the full 105k rows take a minute to roll out;
+    # test_data_generation covers making the default itself).
+    monkeypatch.setattr(generation, "DEFAULT_DATASET_SIZE", 5000)
     code = _python_example().replace("/tmp/mb2po_example_state", str(tmp_path / "state"))
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
