@@ -15,6 +15,13 @@ Stages: `awac` (pretraining on D_beta), `dynamics` (one ensemble per seed, train
 early stopping), `mb2po` (Algorithm 1, one compiled call per iteration). A later stage starts from the
 finished checkpoint of the earlier one, so `--stages=mb2po` alone continues a workdir whose AWAC and
 dynamics stages are done.
+
+Several processes (multi-host, `jax.distributed` initialised by the CLI): every process runs this same
+code on the same workdir (a filesystem all hosts see). States are global arrays of which each process holds
+its own shards (`sharding`); every process takes part in each checkpoint save and restore (orbax writes
+each process's shards), reads training metrics through a collective (`sharding.to_host`), evaluates the
+seeds it holds, and agrees on stopping after a signal. Process 0 alone writes config.json, metrics.jsonl,
+TensorBoard files and results.json, and prints progress.
 """
 from __future__ import annotations
 
@@ -68,6 +75,29 @@ class ActionScaler:
     @property
     def is_identity(self) -> bool:
         return bool(np.all(self.low == -1.0) and np.all(self.high == 1.0))
+
+
+class _NullWriter:
+    """What processes other than 0 write metrics to."""
+
+    def write(self, stage: str, step: int, metrics: Any) -> None:
+        del stage, step, metrics
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class _Discard:
+    """Where the progress lines of processes other than 0 go."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 class _StopFlag:
@@ -127,6 +157,9 @@ def _to_list(x) -> list[float]:
     return [float(v) for v in np.asarray(x).reshape(-1)]
 
 
+_act_seeds = jax.jit(awac.act_seeds)  # deterministic evaluation actions, state [S], obs [S, N, o]
+
+
 class Run:
     """One `mb2po-train` invocation over a workdir."""
 
@@ -135,7 +168,9 @@ class Run:
         self.workdir = os.path.abspath(workdir)
         self.config = config.validate()
         self.preset = preset
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.is_chief = jax.process_index() == 0  # the one process that writes files and prints
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log if self.is_chief else (lambda msg: None)
         self.stop = _StopFlag()
         if dataset is None:
             ensure_default_dataset()
@@ -144,16 +179,27 @@ class Run:
         self.env_id = self.dataset.env_id
         spaces = env_spaces(self.env_id)
         self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
+        self.mesh = sharding.run_mesh(self.config.num_seeds)
         if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
             self.available_bytes = mb2po.available_device_bytes()
             self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
-                                           self.config.num_seeds, self.available_bytes)
-        self.mesh = sharding.seed_mesh(self.config.num_seeds)
+                                           self.config.num_seeds, self.available_bytes,
+                                           share=self._memory_share())
         os.makedirs(self.workdir, exist_ok=True)
         self._check_config(dataset, env)
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
 
     # ----------------------------------------------------------------------------------------- set-up
+    def _memory_share(self) -> float:
+        """Fraction of the model rings in the memory `available_device_bytes` measures: a mesh splits them
+        evenly over its devices; CPU devices of one process share its host's RAM."""
+        if self.mesh is None:
+            return 1.0
+        devices = list(self.mesh.devices.flat)
+        if devices[0].platform != "cpu":
+            return 1.0 / len(devices)
+        return sum(d.process_index == jax.process_index() for d in devices) / len(devices)
+
     def _identity(self, dataset_arg: str, env_arg: str | None) -> dict:
         cfg = config_lib.to_dict(self.config)
         schedule_free = {k: v for k, v in cfg["mb2po"].items() if k not in MB2PO_SCHEDULE}
@@ -178,6 +224,8 @@ class Run:
                     f"{self.workdir} holds a run with other settings ({details}); "
                     "use a new --workdir or the original settings"
                 )
+        if not self.is_chief:
+            return
         _write_json_atomic(path, {
             "identity": identity,
             "preset": self.preset,
@@ -186,36 +234,51 @@ class Run:
         })
 
     # ------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, act_seeds: Callable[[jax.Array], jax.Array]) -> dict[str, list[float]]:
+    def _evaluate(self, agents: awac.AWACState) -> dict[str, list[float]]:
+        """Deterministic-policy returns of every seed of `agents` [S] in the real environment. Each process
+        evaluates the seeds it holds (process 0 all of them when the state is not seed-sharded); the scores
+        are then combined, so every process returns the same lists."""
         cfg = self.config
+        mine = sharding.process_seeds(cfg.num_seeds, self.mesh)
+        returns, stds = np.zeros(cfg.num_seeds), np.zeros(cfg.num_seeds)
+        if mine.stop > mine.start:
+            local = sharding.local_rows(agents, mine)
 
-        def act_fn(obs: np.ndarray) -> np.ndarray:
-            return self.actions.to_env(np.asarray(act_seeds(jnp.asarray(obs))))
+            def act_fn(obs: np.ndarray) -> np.ndarray:
+                return self.actions.to_env(np.asarray(_act_seeds(local, jnp.asarray(obs))))
 
-        result = evaluate(act_fn, self.env_id, num_seeds=cfg.num_seeds, num_episodes=cfg.eval_episodes,
-                          seed=cfg.seed + 10_000, max_episode_steps=cfg.max_episode_steps)
-        returns = result.mean_return()
+            result = evaluate(act_fn, self.env_id, num_seeds=mine.stop - mine.start,
+                              num_episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
+                              max_episode_steps=cfg.max_episode_steps, first_seed_index=mine.start)
+            returns[mine], stds[mine] = result.mean_return(), result.std_return()
+        returns = sharding.combine_over_processes(returns, mine)
+        stds = sharding.combine_over_processes(stds, mine)
         return {
             "return": _to_list(returns),
-            "return_std": _to_list(result.std_return()),
+            "return_std": _to_list(stds),
             "normalized_score": _to_list(normalized_score(self.env_id, returns)),
         }
 
+    def _stopping(self) -> bool:
+        """A signal reached any process (all processes must stop at the same call: saves are collective)."""
+        return sharding.any_process(self.stop.signal is not None)
+
     def _end_of_call(self, stage: str, unit: str, writer: MetricsWriter, ckpt: Checkpointer, state, step: int,
-                     *, done: bool, eval_due: bool, save_due: bool, act) -> dict | None:
-        """After one compiled call of a stage's loop: evaluate when due (the last evaluation is the stage's
-        final score, returned), checkpoint when due, at the end or on a signal, then stop on a signal.
-        The checkpoint meta is {unit: step, "final": scores or None}."""
+                     *, done: bool, eval_due: bool, save_due: bool, agents: awac.AWACState) -> dict | None:
+        """After one compiled call of a stage's loop: evaluate `agents` when due (the last evaluation is the
+        stage's final score, returned), checkpoint when due, at the end or on a signal, then stop on a
+        signal. The checkpoint meta is {unit: step, "final": scores or None}."""
         final = None
+        stopping = self._stopping()
         if eval_due or done:
-            scores = self._evaluate(lambda o: act(state, o))
+            scores = self._evaluate(agents)
             writer.write(stage, step, scores)
             self.log(f"[{stage}] {unit} {step}: return {np.mean(scores['return']):.1f}, "
                      f"normalized {np.mean(scores['normalized_score']):.1f}")
             final = scores if done else None
-        if save_due or done or self.stop.signal is not None:
+        if save_due or done or stopping:
             ckpt.save(step, state, {unit: step, "final": final})
-        if self.stop.signal is not None and not done:
+        if stopping and not done:
             ckpt.wait()
             raise Stopped(f"[{stage}] stopped at {unit} {step}; checkpoint saved in {ckpt.directory}; "
                           "rerun the same command to resume")
@@ -230,35 +293,43 @@ class Run:
         return sharding.replicate(awac.Batch.from_mapping(arrays), self.mesh)
 
     def init_awac(self) -> awac.AWACState:
+        """AWAC states [S] of every seed, placed on the run's mesh (each process fills its own shards)."""
         cfg = self.config
         normalizer = awac.Normalizer.fit(self.dataset.transitions.observations)
         keys = jax.random.split(jax.random.PRNGKey(cfg.seed), cfg.num_seeds)
-        return awac.init_seeds(keys, self.dataset.obs_dim, self.dataset.act_dim, cfg.awac, normalizer)
+        state = awac.init_seeds(keys, self.dataset.obs_dim, self.dataset.act_dim, cfg.awac, normalizer)
+        return sharding.shard_seeds(state, self.mesh)
+
+    def _truncate(self, stage: str, step: int) -> None:
+        if self.is_chief:
+            _truncate_metrics(self.metrics_path, stage, step)
+
+    def _progress(self, total: int, desc: str, start_step: int, **kwargs) -> Progress:
+        stream = None if self.is_chief else _Discard()
+        return Progress(total, desc, start_step=start_step, stream=stream, **kwargs)
 
     def run_awac(self, writer: MetricsWriter) -> tuple[awac.AWACState, dict]:
         cfg = self.config
         ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "awac"))
         state, step, final = self.init_awac(), 0, None
         if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(state)
+            state, meta = ckpt.restore(state)  # into the placed state: each process reads its shards
             step, final = int(meta["step"]), meta.get("final")
             self.log(f"[awac] resuming from step {step} ({ckpt.latest_step()})")
-            _truncate_metrics(self.metrics_path, "awac", step)
+            self._truncate("awac", step)
         if final is not None and step >= cfg.awac_steps:
             self.log(f"[awac] already finished ({step} steps)")
             ckpt.close()
             return state, final
-        state = sharding.shard_seeds(state, self.mesh)
 
         data = self._device_dataset()
         train = awac.make_train_steps(cfg.steps_per_call)
-        act = jax.jit(awac.act_seeds)
-        progress = Progress(cfg.awac_steps, "awac", start_step=step)
+        progress = self._progress(cfg.awac_steps, "awac", start_step=step)
         try:
             while step < cfg.awac_steps:
                 t0 = time.perf_counter()
                 state, metrics = train(state, data)
-                metrics = jax.device_get(metrics)
+                metrics = sharding.to_host(metrics)
                 step += cfg.steps_per_call
                 rate = cfg.steps_per_call / (time.perf_counter() - t0)
                 writer.write("awac", step, {**metrics, "updates_per_s": rate})
@@ -266,7 +337,7 @@ class Run:
                 final = self._end_of_call(
                     "awac", "step", writer, ckpt, state, step, done=step >= cfg.awac_steps,
                     eval_due=step % cfg.eval_every == 0, save_due=step % cfg.checkpoint_every == 0,
-                    act=act) or final
+                    agents=state) or final
         finally:
             ckpt.wait()
             ckpt.close()
@@ -297,9 +368,11 @@ class Run:
         return {**arrays, "next_valid": t.next_valid_mask}
 
     def init_dynamics(self):
+        """(ensemble states [S], epoch data [S], epoch keys [S]), placed on the run's mesh."""
         cfg = self.config
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1), cfg.num_seeds)
-        return dyn.init_seeds(keys, self._dynamics_transitions(), cfg.dynamics)
+        states = dyn.init_seeds(keys, self._dynamics_transitions(), cfg.dynamics)
+        return sharding.shard_seeds(states, self.mesh)
 
     def run_dynamics(self, writer: MetricsWriter) -> dyn.DynamicsState:
         """Trains one ensemble per seed until every seed has stopped early or `dynamics_steps` updates;
@@ -312,55 +385,60 @@ class Run:
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)
             done = bool(meta.get("done"))
-            self.log(f"[dynamics] resuming after epoch {int(np.max(state.epoch))} "
-                     f"({int(np.max(state.step))} updates)")
-            _truncate_metrics(self.metrics_path, "dynamics", int(np.max(state.step)))
+            epoch, updates = (int(np.max(x)) for x in sharding.to_host((state.epoch, state.step)))
+            self.log(f"[dynamics] resuming after epoch {epoch} ({updates} updates)")
+            self._truncate("dynamics", updates)
         if done:
             self.log("[dynamics] already finished")
             ckpt.close()
             return dyn.restore_best(state)
 
-        state, data, keys = sharding.shard_seeds((state, data, keys), self.mesh)
         epoch_fn = dyn.make_train_epoch_seeds(dcfg)
         num_train = data["bootstrap"].shape[-1]
         self.log(f"[dynamics] {cfg.num_seeds} seed(s) x {dcfg.num_members} members, {num_train} training / "
                  f"{data['holdout_targets'].shape[1]} holdout transitions, {num_train // dcfg.batch_size} "
                  f"updates per epoch, budget {cfg.dynamics_steps} updates")
-        progress = Progress(cfg.dynamics_steps, "dynamics", start_step=int(np.min(state.step)),
-                            min_interval_s=0.0)
+        def counters(state):  # the host's view of the [S] counters (a collective on several processes)
+            return sharding.to_host({"since": state.epochs_since_improvement, "updates": state.step,
+                                     "epoch": state.epoch, "best_holdout_mse": state.best_holdout_mse,
+                                     "elites": state.elites})
 
-        def stopped(state):
-            since = np.asarray(state.epochs_since_improvement)
-            early = since >= dcfg.max_epochs_since_improvement if cfg.dynamics_early_stopping else False
-            return early | (np.asarray(state.step) >= cfg.dynamics_steps)
+        def stopped(c):
+            early = (c["since"] >= dcfg.max_epochs_since_improvement if cfg.dynamics_early_stopping
+                     else False)
+            return early | (c["updates"] >= cfg.dynamics_steps)
 
+        c = counters(state)
+        progress = self._progress(cfg.dynamics_steps, "dynamics", start_step=int(np.min(c["updates"])),
+                                  min_interval_s=0.0)
         try:
-            while not np.all(stopped(state)):
-                budget = np.where(stopped(state), 0, cfg.dynamics_steps - np.asarray(state.step))
+            while not np.all(stopped(c)):
+                budget = np.where(stopped(c), 0, cfg.dynamics_steps - c["updates"]).astype(np.int32)
                 epoch_keys = jax.vmap(jax.random.fold_in)(keys, state.epoch)
-                state, metrics = epoch_fn(state, data, epoch_keys, jnp.asarray(budget, jnp.int32))
-                metrics = jax.device_get(metrics)
-                step = int(np.max(state.step))
-                done = bool(np.all(stopped(state)))
+                state, metrics = epoch_fn(state, data, epoch_keys, sharding.shard_seeds(budget, self.mesh))
+                metrics, c = sharding.to_host(metrics), counters(state)
+                step = int(np.max(c["updates"]))
+                done = bool(np.all(stopped(c)))
                 writer.write("dynamics", step, {
                     "train_loss": metrics["train_loss"], "holdout_mse": metrics["holdout_mse"],
-                    "holdout_nll": metrics["holdout_nll"], "best_holdout_mse": state.best_holdout_mse,
-                    "elites": state.elites, "epoch": state.epoch, "updates": state.step,
+                    "holdout_nll": metrics["holdout_nll"], "best_holdout_mse": c["best_holdout_mse"],
+                    "elites": c["elites"], "epoch": c["epoch"], "updates": c["updates"],
                 })
                 progress.update(step, holdout_mse=float(np.mean(metrics["holdout_mse"])),
-                                stopped=f"{int(np.sum(stopped(state)))}/{cfg.num_seeds}")
-                ckpt.save(int(np.max(state.epoch)), state, {"done": done})
-                if self.stop.signal is not None and not done:
+                                stopped=f"{int(np.sum(stopped(c)))}/{cfg.num_seeds}")
+                stopping = self._stopping()
+                ckpt.save(int(np.max(c["epoch"])), state, {"done": done})
+                if stopping and not done:
                     ckpt.wait()
-                    raise Stopped(f"[dynamics] stopped after epoch {int(np.max(state.epoch))}; checkpoint "
+                    raise Stopped(f"[dynamics] stopped after epoch {int(np.max(c['epoch']))}; checkpoint "
                                   f"saved in {ckpt.directory}; rerun the same command to resume")
         finally:
             ckpt.wait()
             ckpt.close()
             progress.close()
-        best = np.min(np.asarray(state.best_holdout_mse), axis=-1)
+        best = np.min(c["best_holdout_mse"], axis=-1)
         self.log(f"[dynamics] done: best holdout MSE per seed [{', '.join(f'{x:.4g}' for x in best)}], "
-                 f"elites {np.asarray(state.elites).tolist()}")
+                 f"elites {c['elites'].tolist()}")
         return dyn.restore_best(state)
 
     def _finished_dynamics(self) -> dyn.DynamicsState:
@@ -378,7 +456,9 @@ class Run:
 
     # ----------------------------------------------------------------------------------- MB2PO stage
     def init_mb2po(self, agents: awac.AWACState) -> mb2po.MB2POState:
-        return mb2po.init_seeds(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim)
+        """MB2PO states [S] with empty rings, built in their layout on the run's mesh."""
+        return mb2po.init_sharded(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
+                                  self.mesh)
 
     def run_mb2po(self, writer: MetricsWriter, agents: awac.AWACState, dyn_state: dyn.DynamicsState):
         cfg, mcfg = self.config, self.config.mb2po
@@ -393,7 +473,7 @@ class Run:
             state, meta = ckpt.restore(state)
             it, final = int(meta["iteration"]), meta.get("final")
             self.log(f"[mb2po] resuming from iteration {it}")
-            _truncate_metrics(self.metrics_path, "mb2po", it)
+            self._truncate("mb2po", it)
         if final is not None and it >= mcfg.iterations:
             self.log(f"[mb2po] already finished ({it} iterations)")
             ckpt.close()
@@ -401,15 +481,14 @@ class Run:
 
         data = self._device_dataset()
         models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
-        state, models = sharding.shard_seeds((state, models), self.mesh)
-        step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id))
-        act = jax.jit(lambda st, o: awac.act_seeds(st.agent, o))
-        progress = Progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
+        models = sharding.shard_seeds(models, self.mesh)
+        step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh)
+        progress = self._progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
         try:
             while it < mcfg.iterations:
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, models, data)
-                metrics = jax.device_get(metrics)
+                metrics = sharding.to_host(metrics)
                 it += 1
                 seconds = time.perf_counter() - t0
                 writer.write("mb2po", it, {**metrics, "seconds_per_iteration": seconds})
@@ -420,7 +499,7 @@ class Run:
                 final = self._end_of_call(
                     "mb2po", "iteration", writer, ckpt, state, it, done=it >= mcfg.iterations,
                     eval_due=it % cfg.mb2po_eval_every == 0, save_due=it % cfg.mb2po_checkpoint_every == 0,
-                    act=act) or final
+                    agents=state.agent) or final
         finally:
             ckpt.wait()
             ckpt.close()
@@ -439,7 +518,7 @@ class Run:
                      f"(available: {(self.available_bytes or 0) / 2**30:.1f} GiB)")
         started = time.time()
         finals: dict[str, Any] = {}
-        with self.stop.installed(), MetricsWriter(self.workdir) as writer:
+        with self.stop.installed(), (MetricsWriter(self.workdir) if self.is_chief else _NullWriter()) as writer:
             agents = dyn_state = None
             if "awac" in cfg.stages:
                 agents, finals["awac"] = self.run_awac(writer)
@@ -460,6 +539,8 @@ class Run:
             "final": finals,
             "config": config_lib.to_dict(cfg),
             "wall_time_s": time.time() - started,
+            "num_processes": jax.process_count(),
         }
-        _write_json_atomic(os.path.join(self.workdir, "results.json"), results)
+        if self.is_chief:
+            _write_json_atomic(os.path.join(self.workdir, "results.json"), results)
         return results

@@ -26,6 +26,8 @@ With one device and one process (the CPU default) every function here is the ide
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 from typing import Any
 
@@ -136,6 +138,40 @@ def constrain_rows(x: Any, mesh: Mesh | None, axis: int = 0) -> Any:
         lambda a: jax.lax.with_sharding_constraint(a, split_axis_sharding(a.ndim, mesh, axis)), x)
 
 
+# ------------------------------------------------------------------------------------------ processes
+def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None, auto: bool = False) -> bool:
+    """`jax.distributed.initialize` from the CLI's flags, before any other JAX call; False (nothing done)
+    when no flag asks for several processes. Either all three values are given (the coordinator address
+    may come from $JAX_COORDINATOR_ADDRESS), or `auto` lets JAX detect the missing ones from the cluster
+    environment (SLURM, Open MPI, Cloud TPU, Kubernetes). Raises ConfigError with one line on a bad mix."""
+    flags = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    named = [k for k, v in flags.items() if v is not None]  # given on the command line
+    if not named and not auto:
+        return False
+    given = dict(flags, coordinator_address=coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    missing = [k for k, v in given.items() if v is None]
+    if missing and not auto:
+        raise ConfigError(f"--{named[0]} needs {' and '.join('--' + k for k in missing)} too (or --distributed "
+                          "to detect the missing values from the cluster environment)")
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and (process_id < 0 or (num_processes is not None and process_id >= num_processes)):
+        raise ConfigError(f"--process_id must be in [0, --num_processes), got {process_id} of {num_processes}")
+    address = given["coordinator_address"]
+    if address is not None and not re.fullmatch(r"\S+:\d+", address):
+        raise ConfigError(f"--coordinator_address must be HOST:PORT, got {address!r}")
+    try:
+        jax.distributed.initialize(address, num_processes, process_id)
+    except (ValueError, RuntimeError, TypeError) as e:
+        hint = ("; no cluster environment detected: pass --coordinator_address, --num_processes and "
+                "--process_id" if auto and missing else "")
+        raise ConfigError(f"jax.distributed.initialize failed: {str(e).splitlines()[0] if str(e) else e!r}"
+                          f"{hint}") from e
+    return True
+
+
 # ------------------------------------------------------------------------------------------ host side
 def to_host(tree: Any) -> Any:
     """Numpy copies of every leaf, global arrays of several processes included. A collective when some
@@ -190,19 +226,22 @@ def local_rows(tree: Any, rows: slice) -> Any:
 
 
 def combine_over_processes(values: np.ndarray, owned: slice) -> np.ndarray:
-    """values [S, ...]: rows `owned` computed by this process (others arbitrary) -> every row, on every
-    process (a collective with several processes; each row owned by exactly one process)."""
+    """values [S]: rows `owned` computed by this process (others arbitrary) -> every row, on every process
+    (a collective with several processes; each row owned by exactly one process). Bit-exact for float64,
+    which JAX would otherwise carry as float32: the rows travel as their raw 32-bit words."""
     values = np.asarray(values)
     if jax.process_count() == 1:
         return values
     mask = np.zeros(values.shape[0], bool)
     mask[owned] = True
-    masked = np.where(mask.reshape((-1,) + (1,) * (values.ndim - 1)), values, 0)
-    gathered = np.asarray(multihost_utils.process_allgather(masked))  # [P, S, ...]
+    words = np.ascontiguousarray(values).view(np.uint32).reshape(values.shape[0], -1)
+    gathered = np.asarray(multihost_utils.process_allgather(words))  # [P, S, words]
     masks = np.asarray(multihost_utils.process_allgather(mask))  # [P, S]
     if not np.all(masks.sum(0) == 1):
         raise RuntimeError(f"evaluation: seeds owned by {masks.sum(0).tolist()} processes, expected 1 each")
-    return gathered.sum(0).astype(values.dtype)
+    owner = np.argmax(masks, axis=0)
+    rows = gathered[owner, np.arange(values.shape[0])]
+    return np.ascontiguousarray(rows).view(values.dtype).reshape(values.shape)
 
 
 def any_process(flag: bool) -> bool:

@@ -5,6 +5,10 @@
     mb2po-train --dataset my.hdf5 --env Hopper-v5 --awac_steps 200000 --temperature 0.5
 
 Rerunning with the same --workdir resumes; SIGTERM saves a checkpoint and exits 0 (rerun to resume).
+
+Several hosts: run the same command on every host with --coordinator_address=HOST0:PORT --num_processes=N
+--process_id=i (or --distributed on a cluster JAX detects: SLURM, Open MPI, Cloud TPU, Kubernetes), and a
+--workdir on a filesystem every host sees.
 """
 from __future__ import annotations
 
@@ -76,6 +80,13 @@ flags.DEFINE_enum("buffer_dtype", None, ["float32", "bfloat16"], "Storage dtype 
 flags.DEFINE_integer("rollout_chunk_size", None, "Trajectories per rollout chunk (default: by backend).")
 flags.DEFINE_integer("mb2po_eval_every", None, "Evaluate every this many MB2PO iterations.")
 flags.DEFINE_integer("mb2po_checkpoint_every", None, "Checkpoint (ring included) every this many iterations.")
+# Several processes (multi-host): jax.distributed.initialize before anything else.
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator, the same on every "
+                    "process (default: $JAX_COORDINATOR_ADDRESS with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
+flags.DEFINE_boolean("distributed", False, "Initialise jax.distributed, detecting values not given by "
+                     "flags from the cluster environment (SLURM, Open MPI, Cloud TPU, Kubernetes).")
 flags.DEFINE_string("task_config", None, "JSON table of per-task horizon/penalty_coef "
                     "(default: experiments/configs/tasks.json).")
 
@@ -106,6 +117,14 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         # orbax logs every save at INFO through absl; keep the terminal for progress (--verbosity=0 shows it).
         logging.set_verbosity(logging.WARNING)
+    from mb2po_jax import sharding
+
+    try:  # before any other JAX call
+        sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                      auto=FLAGS.distributed)
+    except Mb2poError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from mb2po_jax import pipeline  # heavy imports after flag parsing, so --help is fast
 
     try:
@@ -126,6 +145,8 @@ def main(argv):
     except Mb2poError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not run.is_chief:  # process 0 prints the summary
+        return 0
     summary = {stage: {k: v for k, v in r.items() if k in ("return", "normalized_score")}
                for stage, r in results["final"].items()}
     print(json.dumps({"workdir": run.workdir, "final": summary}))
