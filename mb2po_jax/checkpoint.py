@@ -14,6 +14,12 @@ Atomicity comes from orbax: a step is written to `<step>.orbax-checkpoint-tmp` a
 so a crash mid-save leaves a temporary directory that is never listed as a step (and is removed the next
 time a `Checkpointer` opens the directory).
 
+Several processes (multi-host, after `jax.distributed.initialize`): every process must construct the
+`Checkpointer` and call `save`, `restore`, `wait` and `close` at the same points, on a directory all of them
+see. Orbax then writes each process's own shards of a global array (process 0 writes the metadata, `meta`
+and `layout`, and commits the step), and `restore` into a target of global arrays reads on each process only
+the shards it holds (the target's sharding is passed to orbax). Numpy leaves are treated as replicated.
+
 Things orbax does not do that this module does:
   - typed PRNG keys (`jax.random.key`) are stored as their raw uint32 key data and re-wrapped with the
     same implementation on restore; raw `jax.random.PRNGKey` uint32 keys are plain arrays,
@@ -268,7 +274,8 @@ class Checkpointer:
             shape, dtype = _leaf_spec(leaf)
             if path not in values:  # zero-size leaf: nothing was stored but its layout
                 if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
-                    value: Any = jax.numpy.empty(shape, leaf.dtype)
+                    sharding = getattr(leaf, "sharding", None)  # global arrays stay global
+                    value: Any = jax.jit(lambda: jax.numpy.empty(shape, leaf.dtype), out_shardings=sharding)()
                 else:
                     value = np.empty(shape, np.dtype(dtype))
             elif _is_key(leaf):

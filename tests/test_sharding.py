@@ -1,4 +1,5 @@
-"""Seeds sharded over several (forced host) devices give the same per-seed results as one device."""
+"""Several (forced host) devices give the same results as one: seeds sharded over them, or one seed's
+rollout, ring and minibatch rows split over them."""
 import json
 import os
 import subprocess
@@ -51,6 +52,53 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+ONE_SEED_SCRIPT = textwrap.dedent("""
+    import json, re, sys
+    sys.path.insert(0, {here!r})
+    import jax, numpy as np
+    from mb2po_jax import awac, mb2po, sharding
+    from mb2po_jax.termination import never_terminate
+    from test_mb2po import _agents, _dataset, _stack
+    from test_rollout import hand_state, OBS, ACT
+
+    # 64 trajectories in 2 chunks of 32: on 4 devices each chunk's trajectories are split 8 per device.
+    cfg = mb2po.MB2POConfig(imagined_steps=256, updates_per_iteration=20, num_slots=2, horizon=4, chunk_size=32)
+    models = _stack(hand_state(np.array([[0.1, -0.1, 1.0]] * 3), np.full((3, 3), -2.0), [0, 1, 2]), 1)
+    agents, _ = awac.make_train_steps(20)(_agents(1), _dataset())
+    mesh = sharding.run_mesh(1)
+    results = []
+    for m in (None, mesh):
+        step = mb2po.make_iteration_fn(cfg, never_terminate, m)
+        state = mb2po.init_sharded(jax.tree.map(np.array, agents), cfg, OBS, ACT, m)  # donated below
+        d, dyn = sharding.replicate(_dataset(), m), sharding.shard_seeds(models, m)
+        hlo = step.lower(state, dyn, d).compile().as_text()
+        for _ in range(2):
+            state, metrics = step(state, dyn, d)
+        results.append([np.asarray(x) for x in jax.tree.leaves(state)])
+    # Rows of the dots producing the ensemble's hidden layer (width 8): the trajectories one device computes.
+    dyn_rows = sorted({{int(r) for r in re.findall(r"f32\\[(\\d+),8\\]\\{{1,0\\}} dot\\(", hlo)}})
+    ring = state.buffer.observations  # [S, slots, R, o]
+    worst = max(float(np.max(np.abs(a - b) / (np.abs(a) + 1e-3))) for a, b in zip(*results) if a.dtype.kind == "f")
+    print(json.dumps({{"mesh": [mesh.axis_names[0], mesh.size], "dyn_rows": dyn_rows,
+                      "ring_rows": sorted((s.device.id, s.index[2].start, s.data.shape[2])
+                                          for s in ring.addressable_shards),
+                      "params_replicated": state.agent.step.sharding.is_fully_replicated,
+                      "valid": int(np.asarray(metrics["rollout_num_valid"])[0]),
+                      "partitionable": bool(jax.config.jax_threefry_partitionable),
+                      "worst_relative_difference": worst,
+                      "exact_ints": all(np.array_equal(a, b) for a, b in zip(*results) if a.dtype.kind != "f")}}))
+""")
+
+
+def _run_on_4_devices(tmp_path, script_text):
+    script = tmp_path / "sharded.py"
+    script.write_text(script_text.format(here=HERE))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_seed_mesh_handles_counts_that_do_not_divide():
     devices = ["d0", "d1", "d2", "d3"]
     with pytest.warns(UserWarning, match="using 2 of them"):
@@ -62,12 +110,19 @@ def test_seed_mesh_handles_counts_that_do_not_divide():
 def test_sharded_seeds_equal_unsharded_run(tmp_path):
     """AWAC updates then two MB2PO iterations for 4 seeds, once on device 0 and once sharded over 4 forced
     host devices, in one subprocess (XLA_FLAGS must be set before jax starts)."""
-    script = tmp_path / "sharded.py"
-    script.write_text(SCRIPT.format(here=HERE))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = _run_on_4_devices(tmp_path, SCRIPT)
     assert (info["devices"], info["mesh"], info["shards"], info["shard_rows"]) == (4, 4, 4, 1)
     assert info["exact_ints"]  # step counters, ring counts, write indices
+    assert info["worst_relative_difference"] < 1e-3
+
+
+def test_one_seed_rows_split_over_devices_equal_one_device(tmp_path):
+    """One seed, two MB2PO iterations on one device and on a 4-device batch mesh: the same state (same
+    random draws), with every rollout chunk's trajectories and the ring's rows split 4 ways."""
+    info = _run_on_4_devices(tmp_path, ONE_SEED_SCRIPT)
+    assert info["mesh"] == [sharding.BATCH_AXIS, 4] and info["partitionable"]
+    assert info["dyn_rows"] == [8]  # 32 trajectories per chunk / 4 devices; one device would compute 32
+    assert info["ring_rows"] == [[0, 0, 64], [1, 64, 64], [2, 128, 64], [3, 192, 64]]  # R = 256 rows
+    assert info["params_replicated"] and info["valid"] == 256
+    assert info["exact_ints"]  # ring counts, write indices, step counters
     assert info["worst_relative_difference"] < 1e-3
