@@ -8,7 +8,7 @@
   on 3, 6 seeds on 4 devices on 2.
 - Batch mesh (axis "batch", one seed on several devices): states are replicated; inside an MB2PO iteration
   the imagined trajectories, the model ring's rows and the AWAC minibatch rows are split over the devices
-  (`constrain_rows`, `split_axis`), parameters stay replicated and XLA inserts the reductions.
+  (`constrain_rows`, `split_axis_sharding`), parameters stay replicated and XLA inserts the reductions.
 
 Results equal a one-device run up to floating-point reduction order: every random draw is made with the
 same key and shape whatever the layout (JAX's PRNG values do not depend on sharding; with
@@ -98,11 +98,6 @@ def _put(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(lambda x: _put_leaf(x, sharding), tree)
 
 
-def place(tree: Any, shardings: Any) -> Any:
-    """Every array leaf of `tree` on the matching leaf of `shardings` (a tree of NamedSharding)."""
-    return jax.tree.map(_put_leaf, tree, shardings)
-
-
 def shard_seeds(tree: Any, mesh: Mesh | None) -> Any:
     """Every array leaf split over a seed mesh along its leading [S] axis (replicated on a batch mesh)."""
     if mesh is None:
@@ -120,13 +115,6 @@ def split_axis_sharding(ndim: int, mesh: Mesh, axis: int) -> NamedSharding:
     if not is_batch_mesh(mesh):
         return NamedSharding(mesh, P(SEED_AXIS))
     return NamedSharding(mesh, P(*([None] * axis), BATCH_AXIS) if ndim > axis else P())
-
-
-def split_axis(tree: Any, mesh: Mesh | None, axis: int) -> Any:
-    """Like `shard_seeds`, but on a batch mesh every leaf is split along `axis` (e.g. the ring's rows)."""
-    if mesh is None:
-        return tree
-    return jax.tree.map(lambda x: _put_leaf(x, split_axis_sharding(np.ndim(x), mesh, axis)), tree)
 
 
 def constrain_rows(x: Any, mesh: Mesh | None, axis: int = 0) -> Any:
