@@ -5,9 +5,10 @@ y = [s' - s, r] (dim obs_dim + 1, reward LAST). Parameters are explicit arrays s
 axis ([E, in, out] per layer), not `nn.vmap(nn.Dense)`: the HLO is the same batched dot either way, and
 plain arrays make the per-member snapshot restore (`jnp.where` on the member axis), the elite gather
 (`p[elites]`) and the alternative member schedules of `ensemble_mean_var` one-liners. Training evaluates
-every layer as ONE batched matmul `einsum('ebi,eio->ebo')` over the members' own minibatches (measured on
-CPU: ~20% faster than a per-member loop, forward + backward). In a rollout all members see the same
-(s, a); there the CPU prefers running one member's whole MLP at a time (`layout="scan"`, see rollout.py).
+every layer as ONE batched matmul over the members' own minibatches, with feature-major activations
+(`einsum('eio,eib->eob')`, see `_mlp`: 0.70 of the CPU's matmul rate for forward + backward against 0.60
+batch-major). In a rollout all members see the same
+(s, a); `ensemble_mean_var` also offers other member schedules for them (see rollout.py).
 
 Design decisions (SPEC section 1 stage 2, section 3 traps):
 - Inputs are standardised with mean/std of the TRAINING split (stored in the state). Targets are NOT
@@ -180,13 +181,21 @@ def ensemble_mean_var(params: Params, x: jax.Array, layout: str = "batched") -> 
     return mean, bounded_var(raw_logvar, params["max_logvar"], params["min_logvar"])
 
 
+def swish(x: jax.Array) -> jax.Array:
+    """x * sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2: the same function, but XLA:CPU evaluates
+    tanh with a short polynomial where `jax.nn.swish` costs an exp and a divide per element. Measured:
+    the activations were ~19% of a rollout's thunk time with `jax.nn.swish` (BUILD_NOTES.md)."""
+    return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
+
+
 def _member_mlp(layers: list[dict[str, jax.Array]], x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One member: x [B, in] -> (mean, raw log-variance) [B, d] each."""
-    h = x
+    """One member: x [B, in] -> (mean, raw log-variance) [B, d] each (feature-major inside, as `_mlp`)."""
+    h = x.T  # [in, B]
     for i, layer in enumerate(layers):
-        h = h @ layer["w"] + layer["b"][0]
+        h = jnp.einsum("io,ib->ob", layer["w"], h) + layer["b"][0][:, None]
         if i < len(layers) - 1:
-            h = jax.nn.swish(h)
+            h = swish(h)
+    h = h.T
     d = h.shape[-1] // 2
     return h[..., :d], h[..., d:]
 
@@ -194,15 +203,22 @@ def _member_mlp(layers: list[dict[str, jax.Array]], x: jax.Array) -> tuple[jax.A
 def _mlp(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x: [B, in] or [E, B, in] -> (mean, unbounded log-variance), each [E, B, d]."""
     layers = params["layers"]
+    # Feature-major activations [E, features, B]: the batch is the minor (contiguous) axis of every
+    # matmul output. XLA:CPU runs the batched [7, 256, 200] x [7, 200, 200] layer at ~0.85 of its square
+    # matmul rate this way against ~0.53 batch-major (`ebi,eio->ebo`), and one forward + backward of
+    # the ensemble at 0.70 against 0.60 (BUILD_NOTES.md, "Dynamics training layout"). Only the narrow
+    # input and output are transposed.
+    x = jnp.swapaxes(x, -1, -2)  # [..., in, B]
     if x.ndim == 2:
-        # Shared inputs: broadcasting the narrow [B, in] input is cheaper than `'bi,eio->ebo'`, which XLA
-        # computes as one [E*H, B] matmul followed by a transpose of the wide [E, B, H] activation.
+        # Shared inputs: broadcast the narrow input rather than contract `'ib,eio->eob'`, which XLA
+        # computes as one [E*H, B] matmul followed by a transpose of the wide activation.
         x = jnp.broadcast_to(x, (layers[0]["w"].shape[0],) + x.shape)
-    h = x  # [E, B, in]
+    h = x  # [E, in, B]
     for i, layer in enumerate(layers):
-        h = jnp.einsum("ebi,eio->ebo", h, layer["w"]) + layer["b"]
+        h = jnp.einsum("eio,eib->eob", layer["w"], h) + jnp.swapaxes(layer["b"], 1, 2)
         if i < len(layers) - 1:
-            h = jax.nn.swish(h)
+            h = swish(h)
+    h = jnp.swapaxes(h, 1, 2)  # [E, B, 2d]
     d = h.shape[-1] // 2
     return h[..., :d], h[..., d:]
 
