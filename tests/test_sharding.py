@@ -61,8 +61,8 @@ ONE_SEED_SCRIPT = textwrap.dedent("""
     from test_mb2po import _agents, _dataset, _stack
     from test_rollout import hand_state, OBS, ACT
 
-    # 64 trajectories in 2 chunks of 32: on 4 devices each chunk's trajectories are split 8 per device.
-    cfg = mb2po.MB2POConfig(imagined_steps=256, updates_per_iteration=20, num_slots=2, horizon=4, chunk_size=32)
+    # 88 trajectories in 2 chunks of 44: on 4 devices each chunk's trajectories are split 11 per device.
+    cfg = mb2po.MB2POConfig(imagined_steps=352, updates_per_iteration=20, num_slots=2, horizon=4, chunk_size=44)
     models = _stack(hand_state(np.array([[0.1, -0.1, 1.0]] * 3), np.full((3, 3), -2.0), [0, 1, 2]), 1)
     agents, _ = awac.make_train_steps(20)(_agents(1), _dataset())
     mesh = sharding.run_mesh(1)
@@ -75,11 +75,14 @@ ONE_SEED_SCRIPT = textwrap.dedent("""
         for _ in range(2):
             state, metrics = step(state, dyn, d)
         results.append([np.asarray(x) for x in jax.tree.leaves(state)])
-    # Rows of the dots producing the ensemble's hidden layer (width 8): the trajectories one device computes.
-    dyn_rows = sorted({{int(r) for r in re.findall(r"f32\\[(\\d+),8\\]\\{{1,0\\}} dot\\(", hlo)}})
+    # Every dimension of the matmuls of the sharded program (policy and ensemble layers, AWAC updates):
+    # 44 (a whole chunk) or 11 (a device's share) can only be the trajectory axis (other sizes: 2, 3, 5, 6,
+    # 8, 16, 32 and the minibatch's 20 / 5), whatever the ensemble's matmul layout.
+    shapes = re.findall(r"f32\\[([0-9,]+)\\]\\{{[0-9,]+\\}} (?:dot|custom-call)\\(", hlo)
+    dot_dims = sorted({{int(d) for shape in shapes for d in shape.split(",")}})
     ring = state.buffer.observations  # [S, slots, R, o]
     worst = max(float(np.max(np.abs(a - b) / (np.abs(a) + 1e-3))) for a, b in zip(*results) if a.dtype.kind == "f")
-    print(json.dumps({{"mesh": [mesh.axis_names[0], mesh.size], "dyn_rows": dyn_rows,
+    print(json.dumps({{"mesh": [mesh.axis_names[0], mesh.size], "dot_dims": dot_dims,
                       "ring_rows": sorted((s.device.id, s.index[2].start, s.data.shape[2])
                                           for s in ring.addressable_shards),
                       "params_replicated": state.agent.step.sharding.is_fully_replicated,
@@ -118,11 +121,12 @@ def test_sharded_seeds_equal_unsharded_run(tmp_path):
 
 def test_one_seed_rows_split_over_devices_equal_one_device(tmp_path):
     """One seed, two MB2PO iterations on one device and on a 4-device batch mesh: the same state (same
-    random draws), with every rollout chunk's trajectories and the ring's rows split 4 ways."""
+    random draws), with every rollout chunk's trajectories and the ring's rows split 4 ways (read from the
+    compiled program's matmul shapes and the ring's shards)."""
     info = _run_on_4_devices(tmp_path, ONE_SEED_SCRIPT)
     assert info["mesh"] == [sharding.BATCH_AXIS, 4] and info["partitionable"]
-    assert info["dyn_rows"] == [8]  # 32 trajectories per chunk / 4 devices; one device would compute 32
-    assert info["ring_rows"] == [[0, 0, 64], [1, 64, 64], [2, 128, 64], [3, 192, 64]]  # R = 256 rows
-    assert info["params_replicated"] and info["valid"] == 256
+    assert 11 in info["dot_dims"] and 44 not in info["dot_dims"], info["dot_dims"]  # 44 per chunk / 4 devices
+    assert info["ring_rows"] == [[0, 0, 88], [1, 88, 88], [2, 176, 88], [3, 264, 88]]  # R = 352 rows
+    assert info["params_replicated"] and info["valid"] == 352
     assert info["exact_ints"]  # ring counts, write indices, step counters
     assert info["worst_relative_difference"] < 1e-3
