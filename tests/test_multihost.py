@@ -112,7 +112,7 @@ def test_two_processes_equal_one_and_resume(tmp_path):
 @pytest.mark.slow
 def test_two_processes_three_stages_equal_one_and_resume(tmp_path):
     """awac, dynamics, mb2po on 2 processes (2 MB2PO iterations, then a rerun extended to 3) against one
-    process (3 iterations). About 3 minutes on 2 busy cores."""
+    process (3 iterations). 3-5 minutes on 2 busy cores."""
     data = _write_hopper_file(tmp_path / "tiny.hdf5")
     ref, multi = tmp_path / "ref", tmp_path / "multi"
     common = ["--dataset", data, "--awac_steps=20", *AWAC, "--eval_every=20", "--max_episode_steps=20",
