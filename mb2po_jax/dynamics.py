@@ -7,8 +7,8 @@ plain arrays make the per-member snapshot restore (`jnp.where` on the member axi
 (`p[elites]`) and the alternative member schedules of `ensemble_mean_var` one-liners. Training evaluates
 every layer as ONE batched matmul over the members' own minibatches, with feature-major activations
 (`einsum('eio,eib->eob')`, see `_mlp`: 0.70 of the CPU's matmul rate for forward + backward against 0.60
-batch-major). In a rollout all members see the same
-(s, a); `ensemble_mean_var` also offers other member schedules for them (see rollout.py).
+batch-major). In a rollout all members see the same (s, a); `ensemble_mean_var` also offers other member
+schedules for them (see rollout.py).
 
 Design decisions (SPEC section 1 stage 2, section 3 traps):
 - Inputs are standardised with mean/std of the TRAINING split (stored in the state). Targets are NOT
@@ -206,7 +206,7 @@ def _mlp(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Feature-major activations [E, features, B]: the batch is the minor (contiguous) axis of every
     # matmul output. XLA:CPU runs the batched [7, 256, 200] x [7, 200, 200] layer at ~0.85 of its square
     # matmul rate this way against ~0.53 batch-major (`ebi,eio->ebo`), and one forward + backward of
-    # the ensemble at 0.70 against 0.60 (BUILD_NOTES.md, "Dynamics training layout"). Only the narrow
+    # the ensemble at 0.70 against 0.60 (BUILD_NOTES.md, "Ensemble matmul layout and activation"). Only the narrow
     # input and output are transposed.
     # The barrier makes the transposed input a real array: otherwise XLA folds the transpose into the
     # first layer's weight-gradient dot, which then ran at ~0.1 of the matmul rate (5% of an update).

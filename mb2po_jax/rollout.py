@@ -95,7 +95,8 @@ class RolloutConfig:
 
 def default_chunk_size() -> int:
     """CPU: 1024 trajectories (measured on the 2-core dev CPU, batched layout: 512, 1024 and 2048 within
-    noise of each other; small chunks keep the [|F|, 200, C] activations in cache). GPU/TPU: 65536, large enough to fill the device
+    noise of each other; small chunks keep the [|F|, 200, C] activations in cache). GPU/TPU: 65536,
+    large enough to fill the device
     (one chunk of a 1M-step iteration is 5 x 65536 x 200 x 4 B = 262 MB per activation)."""
     return 1024 if jax.default_backend() == "cpu" else 65536
 
