@@ -197,6 +197,26 @@ def test_medium_expert_is_medium_rows_then_expert_rows(made):
     assert (meta["medium_policy_step"], meta["expert_policy_step"]) == (MEDIUM_STEP, EXPERT_STEP)
 
 
+def test_medium_expert_reuses_cached_halves_only_when_they_match(made, tmp_path, monkeypatch, capsys):
+    """Cached local medium and expert files of the same seed and sizes are read, not rolled out again, and the
+    result is byte-identical to a medium-expert made from scratch; a cached half of another seed is not used."""
+    scratch = made("medium-expert", 120, 4)  # the local cache is empty for this one (fresh MB2PO_DATA_DIR)
+    local = generation.registry.local_name_for("hopper", "medium").path
+    assert local.startswith(str(tmp_path)) and not os.path.exists(local)
+    generation.generate("hopper", "medium", size=60, seed=4)
+    generation.generate("hopper", "expert", size=60, seed=5)  # another seed: must not be reused
+    capsys.readouterr()
+    calls = []
+    real = generation.rollout
+    monkeypatch.setattr(generation, "rollout", lambda env_id, policy, size, seed, *a, **k:
+                        calls.append((size, seed)) or real(env_id, policy, size, seed, *a, **k))
+    out = generation.generate("hopper", "medium-expert", size=120, seed=4, path=str(tmp_path / "me.hdf5"))
+    assert calls == [(60, 4)]  # only the expert half was rolled out
+    err = capsys.readouterr().err
+    assert f"[medium Hopper-v5] 60/60 rows reused from {local}" in err and "[expert Hopper-v5] 60/60 rows" not in err
+    assert open(out, "rb").read() == open(scratch, "rb").read()
+
+
 def test_time_limit_gives_timeouts_at_episode_ends(tmp_path):
     raw = read_d4rl_hdf5(generation.generate_sac("hopper", "medium", 150, 0, str(tmp_path / "t.hdf5"),
                                                  max_episode_steps=12))
@@ -214,9 +234,11 @@ def test_cli_makes_the_api_bytes_for_every_kind_and_info_reads_them(made, tmp_pa
         out, err = capsys.readouterr()
         local = os.path.join(str(tmp_path / "local"), f"hopper_{kind.replace('-', '_')}-local.hdf5")
         assert out.count("\n") == 1 and f"wrote {local}: " in out and f" {size} transitions" in out
-        # stderr: only progress lines, each half of medium-expert ending with its "done" line
+        # stderr: only progress lines, each ending with its "done" line; medium-expert reuses the two
+        # halves just made (same seed and sizes) instead of rolling them out again
         assert all(re.match(r"\[(medium|expert|medium-replay) Hopper-v5\] \d+/\d+ ", l) for l in err.splitlines()), err
-        assert sum(" done in " in l for l in err.splitlines()) == (2 if kind == "medium-expert" else 1), err
+        assert sum(" done in " in l for l in err.splitlines()) == (0 if kind == "medium-expert" else 1), err
+        assert sum(" rows reused from " in l for l in err.splitlines()) == (2 if kind == "medium-expert" else 0), err
         if kind == "medium-replay":
             short, full = read_d4rl_hdf5(local), read_d4rl_hdf5(made(kind, None, 0))
             for key in (k for k in short if not k.startswith("metadata/")):
