@@ -125,6 +125,11 @@ def test_export_behavior_cli_writes_the_assets(asset_root, tmp_path, capsys):
     assert manifest == behavior.read_manifest(str(asset_root / "assets" / "hopper"))
     assert manifest["env_id"] == "Hopper-v5" and manifest["seed"] == 5
     assert [s["step"] for s in manifest["medium_replay"]["snapshots"]] == [200, 400]
+    with open(out / "training_curve.json") as f:
+        curve = json.load(f)
+    assert curve["env_id"] == "Hopper-v5" and curve["evaluation"] == "10 deterministic episodes every 200 env steps"
+    assert [(p["step"], p["return"]) for p in curve["curve"]] == list(CURVE.items())
+    assert curve["curve"][-1]["normalized_score"] == 92.8
 
     assert run(["export-behavior", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
     stdout, err = capsys.readouterr()

@@ -549,7 +549,8 @@ def policy_fn(params: Any, seed: int, *, action_low=-1.0, action_high=1.0):
 def export_assets(workdir: str, out_dir: str, *, replay_every: int = 10_000, replay_dtype=np.float16) -> dict:
     """Writes what rebuilding the datasets needs to `out_dir` (e.g. mb2po_jax/assets/behavior/hopper):
     expert.npz and medium.npz (float32, exactly the evaluated policies), replay_<step>.npz (the actors
-    of medium-replay, every `replay_every` env steps up to the medium step, `replay_dtype`), manifest.json.
+    of medium-replay, every `replay_every` env steps up to the medium step, `replay_dtype`), manifest.json,
+    and training_curve.json (the run's evaluations, `write_training_curve`).
 
     Medium-replay regeneration (an approximation of the true replay buffer, see the module docstring):
     steps [0, start_steps) uniform random actions; then for each listed snapshot at step s, its stochastic
@@ -587,7 +588,27 @@ def export_assets(workdir: str, out_dir: str, *, replay_every: int = 10_000, rep
     }
     with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
+    write_training_curve(workdir, os.path.join(out_dir, "training_curve.json"))
     return manifest
+
+
+def write_training_curve(workdir: str, path: str) -> None:
+    """The run's evaluation curve (step, return, normalised score, wall seconds since the previous
+    evaluation), rounded to 0.1: the record of how the shipped policies were reached, kept beside them."""
+    config = _read_run(workdir)["config"]
+
+    def point(e):
+        out = {"step": e["step"], "return": round(float(e["return"]), 1)}
+        for key in ("normalized_score", "interval_seconds"):
+            if e.get(key) is not None:
+                out[key] = round(float(e[key]), 1)
+        return out
+
+    curve = {"env_id": registry.env_id_for(_read_run(workdir)["env_id"]),
+             "evaluation": f"{config['eval_episodes']} deterministic episodes every {config['eval_every']} env steps",
+             "curve": [point(e) for e in read_evaluations(workdir)]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(curve, f, indent=1)
 
 
 def read_manifest(asset_dir: str) -> dict:
