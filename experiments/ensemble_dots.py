@@ -1,0 +1,60 @@
+"""The dynamics ensemble's three kinds of 200 x 200 layer matmul, alone, as fractions of the machine's matmul rate.
+
+One training update of the 7-member ensemble (batch 256, feature-major activations [E, features, B], see
+`dynamics._mlp`) runs, per hidden 200 x 200 layer, a forward dot and two backward dots: the input gradient
+(same layout as the forward) and the weight gradient, which contracts over the batch, the minor axis of
+both operands. This times each alone (100 chained in one compiled scan), to separate what the matmul
+kernels allow from what the rest of an update costs (`mb2po-bench dynamics` times whole updates).
+
+    python experiments/ensemble_dots.py
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python experiments/ensemble_dots.py   # no YNNPACK
+"""
+import jax
+import jax.numpy as jnp
+
+from mb2po_jax.bench.common import matmul_flops_per_s, time_call
+
+E, I, O, B, R = 7, 200, 200, 256, 100
+
+
+def chained(dot):
+    """R dependent calls of `dot(w, h, g) -> [E, I, O]-shaped update` in one compiled scan. The scale s
+    depends on the carry, so XLA can neither hoist the dot out of the loop nor constant-fold it."""
+
+    @jax.jit
+    def run(w, h, g):
+        def body(w, _):
+            s = 1.0 + 1e-9 * w[0, 0, 0]
+            return 0.5 * w + 1e-3 * dot(w, h * s, g), None
+
+        return jax.lax.scan(body, w, None, length=R)[0]
+
+    return run
+
+
+DOTS = {
+    "forward     eio,eib->eob": lambda w, h, g: jnp.einsum("eio,eib->eob", w, h)[:, :, :O],
+    "input grad  eio,eob->eib": lambda w, h, g: jnp.einsum("eio,eob->eib", w, g)[:, :, :O],
+    "weight grad eib,eob->eio": lambda w, h, g: jnp.einsum("eib,eob->eio", h, g),
+}
+
+
+def main():
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    w = 0.05 * jax.random.normal(keys[0], (E, I, O))
+    h = jax.random.normal(keys[1], (E, I, B))
+    g = 0.01 * jax.random.normal(keys[2], (E, O, B))
+    flops = 2.0 * E * I * O * B * R
+    peak = matmul_flops_per_s()
+    rates = {}
+    for name, dot in DOTS.items():
+        fn = chained(dot)
+        rates[name] = flops / time_call(lambda: fn(w, h, g), min_time=1.0)
+    peak = max(peak, matmul_flops_per_s())
+    for name, rate in rates.items():
+        print(f"{name}: {rate / 1e9:6.1f} GFLOP/s = {rate / peak:.2f} of the matmul rate")
+    print(f"matmul rate (square 1024, same process): {peak / 1e9:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
