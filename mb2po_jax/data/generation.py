@@ -291,8 +291,8 @@ def _cached_half(env_id: str, asset_dir: str, manifest: dict, kind: str, size: i
     """The arrays of the cached local `kind` file (medium or expert) when it is what `_sac_rollout` would make
     now: same env, seed, size, episode limit, asset files (sha256) and library versions. Else None.
 
-    A full medium-expert file regenerates 2M steps (~50 min on 2 cores) that the cached 1M medium and expert
-    files usually already hold; their rows are exactly its halves (`generate_sac`).
+    A full medium-expert file is 2M policy steps (hopper: ~50 min on the dev CPU) that the cached 1M medium
+    and expert files usually already hold; their rows are exactly its halves (`generate_sac`).
     """
     path = registry.local_name_for(env_id, kind).path
     if not os.path.isfile(path):
@@ -303,7 +303,8 @@ def _cached_half(env_id: str, asset_dir: str, manifest: dict, kind: str, size: i
         return None
     meta = d4rl.metadata_scalars(raw)
     expected = {"algorithm": "sac", "kind": kind, "env_id": env_id, "seed": int(seed), "size": int(size),
-                "max_episode_steps": int(max_episode_steps), **_provenance(asset_dir, manifest, (kind,)), **_library_versions()}
+                "max_episode_steps": int(max_episode_steps), **_provenance(asset_dir, manifest, (kind,)),
+                **_library_versions()}
     if any(meta.get(key) != value for key, value in expected.items()):
         return None
     arrays = {name: raw[name] for name in _ARRAY_NAMES if name in raw}
