@@ -24,8 +24,8 @@ SHIPPED = sorted(env for env in os.listdir(generation.PACKAGE_BEHAVIOR_DIR)
                  if os.path.isfile(os.path.join(generation.PACKAGE_BEHAVIOR_DIR, env, "manifest.json")))
 
 
-def test_hopper_and_walker2d_policies_ship():
-    assert {"hopper", "walker2d"} <= set(SHIPPED)
+def test_policies_ship_for_the_three_benchmark_envs():
+    assert {"hopper", "halfcheetah", "walker2d"} <= set(SHIPPED)
 
 
 def evaluate_shipped(env: str, kind: str, num_episodes: int):
