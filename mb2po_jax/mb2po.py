@@ -116,8 +116,9 @@ def init_sharded(agents: awac.AWACState, config: MB2POConfig, obs_dim: int, act_
 def state_shardings(state: MB2POState, mesh: Mesh):
     """Shardings of an MB2POState [S] on `mesh`: seed mesh: every leaf split along seeds; batch mesh: the
     ring's rows ([S, slots, R, ...], axis 2) split, everything else replicated."""
+    # ndim 0 asks `split_axis_sharding` for "seeds split on a seed mesh, replicated on a batch mesh".
     return MB2POState(
-        agent=jax.tree.map(lambda x: sharding.split_axis_sharding(0, mesh, 0), state.agent),
+        agent=jax.tree.map(lambda _: sharding.split_axis_sharding(0, mesh, 0), state.agent),
         buffer=jax.tree.map(lambda x: sharding.split_axis_sharding(len(x.shape), mesh, 2), state.buffer),
         iteration=sharding.split_axis_sharding(0, mesh, 0),
     )
