@@ -34,11 +34,10 @@ def evaluate_shipped(env: str, kind: str, num_episodes: int):
     manifest = behavior.read_manifest(asset_dir)
     params, _ = behavior.load_actor(os.path.join(asset_dir, manifest[kind]["file"]))
     greedy = jax.jit(sac.deterministic_action)
-    spaces = env_spaces(manifest["env_id"])
-    low, high = spaces.act_low, spaces.act_high
+    to_env = env_spaces(manifest["env_id"]).from_unit_actions  # as training evaluated
 
-    def act(obs):  # SAC acts in (-1, 1); training scaled to the env's bounds the same way
-        return low + (np.asarray(greedy(params, jnp.asarray(obs)), np.float64) + 1.0) * 0.5 * (high - low)
+    def act(obs):
+        return to_env(greedy(params, jnp.asarray(obs)))
 
     result = evaluate(act, manifest["env_id"], num_seeds=1, num_episodes=num_episodes,
                       seed=int(manifest["seed"]) + 100_000)

@@ -75,7 +75,7 @@ import numpy as np
 from mb2po_jax import sac
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.data import registry
-from mb2po_jax.data.envs import make_env
+from mb2po_jax.data.envs import env_spaces, make_env
 from mb2po_jax.evaluation import evaluate
 from mb2po_jax.logger import MetricsWriter, Progress
 
@@ -317,8 +317,7 @@ def train_behavior(
     env = make_env(env_id, disable_env_checker=True).unwrapped
     obs_dim = int(env.observation_space.shape[0])
     act_dim = int(env.action_space.shape[0])
-    low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
-    to_env = lambda a: low + (np.asarray(a, np.float64) + 1.0) * 0.5 * (high - low)  # noqa: E731
+    to_env = env_spaces(env_id).from_unit_actions
 
     root = jax.random.PRNGKey(seed)
     k_init, k_act, k_update = jax.random.split(root, 3)
@@ -526,22 +525,20 @@ def select_policies(workdir: str, env_id: str, *, expert_window: float = 0.2,
                 "snapshots": [describe(e)["snapshot"] for e in evals if e["step"] < medium["step"]]}}
 
 
-def policy_fn(params: Any, seed: int, *, action_low=-1.0, action_high=1.0):
-    """Host policy `obs [obs_dim] -> (action [act_dim] float64, log pi(a|s))` of a snapshot's stochastic actor,
-    the signature `generation.rollout` takes. Call i draws with `fold_in(PRNGKey(seed), i)`: reproducible.
-
-    The log-probability is that of the policy's (-1, 1) action, before scaling to the env's bounds.
+def policy_fn(params: Any, seed: int):
+    """Host policy `obs [obs_dim] -> (action [act_dim] float64 in (-1, 1), log pi(a|s))` of a snapshot's
+    stochastic actor, the signature `generation.rollout` takes. Call i draws with `fold_in(PRNGKey(seed), i)`:
+    reproducible. Scaling to an env's bounds is the caller's (`EnvSpaces.from_unit_actions`).
     """
     key = jax.random.PRNGKey(seed)
     draw = jax.jit(lambda p, i, o: sac.sample_action_and_log_prob(p, jax.random.fold_in(key, i), o))
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    low, high = np.asarray(action_low, np.float64), np.asarray(action_high, np.float64)
     count = [0]
 
     def act(obs: np.ndarray):
         a, log_prob = draw(params, count[0], jnp.asarray(obs, jnp.float32))
         count[0] += 1
-        return low + (np.asarray(a, np.float64) + 1.0) * 0.5 * (high - low), float(log_prob)
+        return np.asarray(a, np.float64), float(log_prob)
 
     return act
 
@@ -595,7 +592,8 @@ def export_assets(workdir: str, out_dir: str, *, replay_every: int = 10_000, rep
 def write_training_curve(workdir: str, path: str) -> None:
     """The run's evaluation curve (step, return, normalised score, wall seconds since the previous
     evaluation), rounded to 0.1: the record of how the shipped policies were reached, kept beside them."""
-    config = _read_run(workdir)["config"]
+    run = _read_run(workdir)
+    config = run["config"]
 
     def point(e):
         out = {"step": e["step"], "return": round(float(e["return"]), 1)}
@@ -604,7 +602,7 @@ def write_training_curve(workdir: str, path: str) -> None:
                 out[key] = round(float(e[key]), 1)
         return out
 
-    curve = {"env_id": registry.env_id_for(_read_run(workdir)["env_id"]),
+    curve = {"env_id": registry.env_id_for(run["env_id"]),
              "evaluation": f"{config['eval_episodes']} deterministic episodes every {config['eval_every']} env steps",
              "curve": [point(e) for e in read_evaluations(workdir)]}
     with open(path, "w", encoding="utf-8") as f:

@@ -62,6 +62,10 @@ class EnvSpaces:
     def act_dim(self) -> int:
         return int(self.act_shape[0])
 
+    def from_unit_actions(self, action) -> np.ndarray:
+        """A policy's action in (-1, 1)^act_dim (SAC's tanh) -> the env's [act_low, act_high], float64."""
+        return self.act_low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self.act_high - self.act_low)
+
 
 @functools.lru_cache(maxsize=None)
 def env_spaces(env_id: str) -> EnvSpaces:

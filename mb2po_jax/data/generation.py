@@ -242,13 +242,12 @@ def _in_env_bounds(policy: Policy, env_id: str) -> Policy:
     """SAC acts in (-1, 1)^act_dim (training scales that to the env's bounds); do the same here. The
     log-probability stays that of the (-1, 1) action. D4RL's envs have bounds +-1: the policy is unchanged."""
     spaces = env_spaces(env_id)
-    low, high = spaces.act_low, spaces.act_high
-    if np.all(low == -1.0) and np.all(high == 1.0):
+    if np.all(spaces.act_low == -1.0) and np.all(spaces.act_high == 1.0):
         return policy
 
     def act(obs):
         a, log_prob = policy(obs)
-        return low + (np.asarray(a, np.float64) + 1.0) * 0.5 * (high - low), log_prob
+        return spaces.from_unit_actions(a), log_prob
 
     return act
 
