@@ -158,8 +158,12 @@ def ensemble_apply(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.log(var)
 
 
-def ensemble_mean_var(params: Params, x: jax.Array, layout: str = "batched") -> tuple[jax.Array, jax.Array]:
-    """As `ensemble_apply` but returns the variance (what sampling and the penalty need): [E, B, d] x 2.
+def ensemble_mean_var(
+    params: Params, x: jax.Array, layout: str = "batched", feature_major: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """As `ensemble_apply` but returns the variance (what sampling and the penalty need): [E, B, d] x 2,
+    or [E, d, B] x 2 with `feature_major=True` (the layout the network computes in: the rollout picks the
+    drawn member's row and reduces over members without transposing the [E, 2d, B] output).
 
     layout (same result, different schedule): "batched" = one batched matmul per layer over all members
     (best on GPU/TPU); "scan" = `lax.map` over members, each running its whole MLP on the shared [B, in]
@@ -167,18 +171,23 @@ def ensemble_mean_var(params: Params, x: jax.Array, layout: str = "batched") -> 
     XLA:CPU may run concurrently on different cores.
     """
     if layout == "batched" or x.ndim != 2:
-        mean, raw_logvar = _mlp(params, x)
+        h = _mlp(params, x)
     elif layout == "scan":
-        mean, raw_logvar = jax.lax.map(lambda p: _member_mlp(p, x), params["layers"])
+        h = jax.lax.map(lambda p: _member_mlp(p, x), params["layers"])
     elif layout == "unrolled":
-        outs = [
+        h = jnp.stack([
             _member_mlp(jax.tree_util.tree_map(lambda p: p[e], params["layers"]), x)
             for e in range(params["max_logvar"].shape[0])
-        ]
-        mean, raw_logvar = (jnp.stack(o) for o in zip(*outs))
+        ])
     else:
         raise ValueError(f"unknown ensemble layout {layout!r}")
-    return mean, bounded_var(raw_logvar, params["max_logvar"], params["min_logvar"])
+    d = h.shape[1] // 2  # h: [E, 2d, B]
+    bound = lambda b: jnp.swapaxes(b, 1, 2)  # [E, 1, d] -> [E, d, 1]
+    mean = h[:, :d]
+    var = bounded_var(h[:, d:], bound(params["max_logvar"]), bound(params["min_logvar"]))
+    if feature_major:
+        return mean, var
+    return jnp.swapaxes(mean, 1, 2), jnp.swapaxes(var, 1, 2)
 
 
 def swish(x: jax.Array) -> jax.Array:
@@ -188,41 +197,43 @@ def swish(x: jax.Array) -> jax.Array:
     return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
 
 
-def _member_mlp(layers: list[dict[str, jax.Array]], x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One member: x [B, in] -> (mean, raw log-variance) [B, d] each (feature-major inside, as `_mlp`)."""
+def _member_mlp(layers: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+    """One member: x [B, in] -> [2d, B], mean rows then raw log-variance rows (feature-major, as `_mlp`)."""
     h = x.T  # [in, B]
     for i, layer in enumerate(layers):
         h = jnp.einsum("io,ib->ob", layer["w"], h) + layer["b"][0][:, None]
         if i < len(layers) - 1:
             h = swish(h)
-    h = h.T
-    d = h.shape[-1] // 2
-    return h[..., :d], h[..., d:]
+    return h
 
 
-def _mlp(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [B, in] or [E, B, in] -> (mean, unbounded log-variance), each [E, B, d]."""
+def _mlp(params: Params, x: jax.Array) -> jax.Array:
+    """x: [B, in] (shared by all members) or [E, B, in] -> [E, 2d, B]: mean rows, then unbounded log-variance
+    rows, feature-major."""
     layers = params["layers"]
     # Feature-major activations [E, features, B]: the batch is the minor (contiguous) axis of every
     # matmul output. XLA:CPU runs the batched [7, 256, 200] x [7, 200, 200] layer at ~0.85 of its square
     # matmul rate this way against ~0.53 batch-major (`ebi,eio->ebo`), and one forward + backward of
-    # the ensemble at 0.70 against 0.60 (BUILD_NOTES.md, "Ensemble matmul layout and activation"). Only the narrow
-    # input and output are transposed.
+    # the ensemble at 0.70 against 0.60 (BUILD_NOTES.md, "Ensemble matmul layout and activation"). Only the
+    # narrow input and output are transposed.
     # The barrier makes the transposed input a real array: otherwise XLA folds the transpose into the
     # first layer's weight-gradient dot, which then ran at ~0.1 of the matmul rate (5% of an update).
     x = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))  # [..., in, B]
-    if x.ndim == 2:
-        # Shared inputs: broadcast the narrow input rather than contract `'ib,eio->eob'`, which XLA
-        # computes as one [E*H, B] matmul followed by a transpose of the wide activation.
-        x = jnp.broadcast_to(x, (layers[0]["w"].shape[0],) + x.shape)
-    h = x  # [E, in, B]
+    if x.ndim == 2 and len(layers) > 1:
+        # Shared inputs: the first layer of all members is ONE [E*H, in] x [in, B] matmul whose output
+        # already is the feature-major [E, H, B] (a batched [E, H, in] x [in, B] dot over a broadcast
+        # input ran at ~0.4 of the matmul rate: K = in is tiny and each member's N alone is small).
+        w = jnp.swapaxes(layers[0]["w"], 1, 2)  # [E, H, in]
+        e, hdim = w.shape[:2]
+        h = (w.reshape(e * hdim, -1) @ x).reshape(e, hdim, -1) + jnp.swapaxes(layers[0]["b"], 1, 2)
+        h, layers = swish(h), layers[1:]
+    else:  # [E, in, B] (or a shared [in, B], broadcast by the einsum below)
+        h = x if x.ndim == 3 else jnp.broadcast_to(x, (layers[0]["w"].shape[0],) + x.shape)
     for i, layer in enumerate(layers):
         h = jnp.einsum("eio,eib->eob", layer["w"], h) + jnp.swapaxes(layer["b"], 1, 2)
         if i < len(layers) - 1:
             h = swish(h)
-    h = jnp.swapaxes(h, 1, 2)  # [E, B, 2d]
-    d = h.shape[-1] // 2
-    return h[..., :d], h[..., d:]
+    return h
 
 
 def bounded_var(raw_logvar: jax.Array, max_logvar: jax.Array, min_logvar: jax.Array) -> jax.Array:

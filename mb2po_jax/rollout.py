@@ -20,12 +20,14 @@ else all members), sigma_i = predicted std over the obs_dim + 1 target dims [s' 
 Speed (SPEC section 4: ~2 MFLOP per imagined step, the matmuls are the floor): every step evaluates only
 the members in M (5 elites of 7 by default: 1.55 MFLOP per step with a 3 x 256 policy) on the shared
 [C, in] inputs; all of M's outputs are needed anyway for the penalty, so the drawn member's mean/variance
-are picked with a one-hot select over the small [|M|, C, obs_dim + 1] output, and only the drawn member's
-Gaussian is sampled. Start states are processed in chunks (`lax.map` over chunks, `lax.scan` over the
-horizon inside), so activation memory is bounded by the chunk and 1M imagined steps are one compiled call.
-Every layer of the ensemble is one batched matmul over the members with feature-major activations
-([|F|, features, C], see `dynamics._mlp`); chunks are 1024 trajectories on CPU and up to 65536 on GPU/TPU
-(`default_chunk_size`).
+are picked from the small feature-major [|M|, obs_dim + 1, C] output (a sum of |M| selects), and only the
+drawn member's Gaussian is sampled. Start states are processed in chunks (`lax.map` over chunks,
+`lax.scan` over the horizon inside), so activation memory is bounded by the chunk and 1M imagined steps
+are one compiled call. The member indices and the Gaussian noise of a chunk are drawn once before its
+horizon loop (on CPU each threefry draw is a small loop of its own). Every layer of the ensemble is one
+batched matmul over the members with feature-major activations ([|F|, features, C], see `dynamics._mlp`),
+the first one a single [|F| * H, in] x [in, C] matmul over the shared input; chunks are 1024
+trajectories on CPU and up to 65536 on GPU/TPU (`default_chunk_size`).
 The variance soft clamp uses a closed form (`dynamics.bounded_var`): XLA:CPU's softplus cost 13% of a step.
 
 Trajectories whose prediction is not finite (state, reward or uncertainty) are stopped and that row is
@@ -126,13 +128,14 @@ def _member_sets(dyn_state: dyn.DynamicsState, config: RolloutConfig):
     return dyn_state.elites, jnp.arange(dyn_state.elites.shape[0], dtype=jnp.int32)
 
 
-def _uncertainty(mean: jax.Array, var: jax.Array, obs_dim: int, penalty: str) -> jax.Array:
-    """mean, var: [|F|, C, d] over the members the penalty runs over -> u [C]."""
+def _uncertainty(mean: jax.Array, var: jax.Array, obs_dim: int, penalty: str, feature_axis: int = -1) -> jax.Array:
+    """mean, var: [|F|, C, d] (or [|F|, d, C] with feature_axis=1) over the members the penalty runs over
+    -> u [C]."""
     if penalty == "ensemble_disagreement":
-        mu = mean[..., :obs_dim]  # the added obs is common to all members, it cancels
-        return jnp.max(jnp.linalg.norm(mu - jnp.mean(mu, axis=0), axis=-1), axis=0)
+        mu = jax.lax.slice_in_dim(mean, 0, obs_dim, axis=feature_axis)  # the added obs cancels
+        return jnp.max(jnp.linalg.norm(mu - jnp.mean(mu, axis=0), axis=feature_axis), axis=0)
     # max_std / max_aleatoric: max_i ||sigma_i||_2 = sqrt(max_i sum_d var_i,d)
-    return jnp.sqrt(jnp.max(jnp.sum(var, axis=-1), axis=0))
+    return jnp.sqrt(jnp.max(jnp.sum(var, axis=feature_axis), axis=0))
 
 
 def _rollout_chunk(
@@ -155,19 +158,27 @@ def _rollout_chunk(
     lam = config.penalty_coef
     layout = resolve_layout(config.layout)
 
-    def step(carry, step_key):
+    c, d = start_obs.shape[0], obs_dim + 1
+    k_pi, k_member, k_noise = jax.random.split(key, 3)
+    # The rollout's own random draws for the whole chunk at once, before the horizon loop: on CPU every
+    # threefry draw is a small while loop of its own, and two per step cost ~5% of a rollout.
+    # Algorithm 1: "uniformly sample T from {T_i}" per trajectory and step.
+    members = draw_pos[jax.random.randint(k_member, (config.horizon, c), 0, num_draw)]  # [h, C] in [0, |F|)
+    noise = jax.random.normal(k_noise, (config.horizon, d, c), start_obs.dtype)  # [h, d, C]
+
+    def step(carry, xs):
         obs, alive = carry  # [C, o], [C]
-        k_pi, k_member, k_noise = jax.random.split(step_key, 3)
+        k_pi, drawn, eps = xs  # key, [C], [d, C]
         act = policy_fn(policy_params, k_pi, obs)  # [C, a]
         x = dyn.normalize_inputs(dyn_state, obs, act)  # [C, in]
-        mean, var = dyn.ensemble_mean_var(params, x, layout)  # [|F|, C, d]
-        u = _uncertainty(mean, var, obs_dim, config.penalty)  # [C]
-        # Algorithm 1: "uniformly sample T from {T_i}" per trajectory and step.
-        drawn = draw_pos[jax.random.randint(k_member, obs.shape[:1], 0, num_draw)]  # [C] in [0, |F|)
-        onehot = (drawn[None, :] == jnp.arange(num_f)[:, None])[..., None]  # [|F|, C, 1]
-        mean_k = jnp.sum(jnp.where(onehot, mean, 0.0), axis=0)  # [C, d]
-        std_k = jnp.sqrt(jnp.sum(jnp.where(onehot, var, 0.0), axis=0))
-        y = mean_k + std_k * jax.random.normal(k_noise, mean_k.shape, mean_k.dtype)
+        # Feature-major [|F|, d, C], the network's own layout: the penalty's reductions and the member
+        # select run along contiguous rows, and only the drawn member's sample [d, C] is transposed.
+        mean, var = dyn.ensemble_mean_var(params, x, layout, feature_major=True)
+        u = _uncertainty(mean, var, obs_dim, config.penalty, feature_axis=1)  # [C]
+        # The drawn member's row, as a sum of |F| selects (one elementwise loop; a masked reduce over the
+        # member axis ran ~10x slower on XLA:CPU).
+        pick = lambda z: sum(jnp.where(drawn == f, z[f], 0.0) for f in range(num_f))  # [d, C]
+        y = (pick(mean) + jnp.sqrt(pick(var)) * eps).T  # [C, d]
         next_obs, reward = obs + y[:, :obs_dim], y[:, obs_dim]
         finite = jnp.all(jnp.isfinite(next_obs), axis=-1) & jnp.isfinite(reward) & jnp.isfinite(u)
         valid = alive & finite
@@ -178,8 +189,8 @@ def _rollout_chunk(
         obs = jnp.where(alive_next[:, None], next_obs, obs)
         return (obs, alive_next), out
 
-    keys = jax.random.split(key, config.horizon)
-    _, outs = jax.lax.scan(step, (start_obs, start_alive), keys)
+    xs = (jax.random.split(k_pi, config.horizon), members, noise)
+    _, outs = jax.lax.scan(step, (start_obs, start_alive), xs)
     return outs
 
 

@@ -1,4 +1,6 @@
 """Dynamics ensemble: learns a known stochastic linear system, stays diverse, early-stops per member."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,6 +197,13 @@ def test_member_layouts_compute_the_same_ensemble():
         mean, var = fn(state.params, x, layout)
         np.testing.assert_allclose(np.asarray(mean), np.asarray(ref_mean), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(var), np.asarray(ref_var), rtol=1e-5, atol=1e-7)
+    # The shared-input first layer (one [E*H, in] matmul) equals per-member inputs (the training path).
+    per_member = fn(state.params, jnp.broadcast_to(x, (3,) + x.shape), "batched")
+    np.testing.assert_allclose(np.asarray(per_member[0]), np.asarray(ref_mean), rtol=1e-5, atol=1e-6)
+    # The rollout's feature-major [E, d, B] output is the same numbers.
+    fm_mean, fm_var = jax.jit(functools.partial(dyn.ensemble_mean_var, feature_major=True))(state.params, x)
+    np.testing.assert_array_equal(np.asarray(fm_mean), np.swapaxes(np.asarray(ref_mean), 1, 2))
+    np.testing.assert_array_equal(np.asarray(fm_var), np.swapaxes(np.asarray(ref_var), 1, 2))
     # Member e of the batched form is member e's own network.
     one = dyn.take_members(state.params, jnp.array([1]))
     np.testing.assert_allclose(np.asarray(fn(one, x, "batched")[0][0]), np.asarray(ref_mean[1]), rtol=1e-5,
