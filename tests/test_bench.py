@@ -117,6 +117,17 @@ def test_update_flops_counts_the_critic_backward_on_both_halves():
     assert parts["critic_backward_2b"] == 2 * 2 * (2 * 4) * (4 * 8 + 8 * 1 + 8 * 1)
 
 
+def test_dynamics_flop_count_matches_the_compiled_gradient():
+    out = _one_json_line(_bench("dynamics", "--num_members", "3", "--batch_size", "32", "--num_updates", "4",
+                                "--min_time", "0.1"))
+    assert out["minibatch_updates_per_s"] > 0 and 0 < out["fraction_of_matmul_peak"] < 2
+    # Forward, weight gradients and the input gradients of all layers but the first: the analytic count and
+    # the dots XLA compiled agree, so a change to the loss that adds or drops matmuls must update the count.
+    assert out["hlo_matmul_flops_per_update"] == pytest.approx(out["flops_per_update"], rel=0.01)
+    fwd = 3 * 2 * 32 * (14 * 200 + 3 * 200 * 200 + 200 * 24)
+    assert out["flops_per_update"] == 3 * fwd - 3 * 2 * 32 * 14 * 200
+
+
 @pytest.mark.parametrize("name, args, rate_key", [
     ("rollout", ["--steps", "2000", "--compare_torch", "--repeats", "1"], "imagined_steps_per_s"),
     ("mb2po", ["--imagined_steps", "2000", "--updates_per_iteration", "5", "--dataset_size", "500",

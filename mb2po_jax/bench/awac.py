@@ -38,12 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mb2po_jax import awac
-from mb2po_jax.bench.common import dense_flops, matmul_flops_per_s, require_torch, time_call
-
-
-def _backward_flops(rows: int, sizes: Sequence[int]) -> float:
-    """Weight grads of every layer plus input grads of every layer but the first (its input is data)."""
-    return 2.0 * dense_flops(rows, list(sizes)) - 2.0 * rows * sizes[0] * sizes[1]
+from mb2po_jax.bench.common import backward_flops, dense_flops, matmul_flops_per_s, require_torch, time_call
 
 
 def update_flops(obs_dim: int, act_dim: int, config: awac.AWACConfig) -> dict[str, float]:
@@ -55,9 +50,9 @@ def update_flops(obs_dim: int, act_dim: int, config: awac.AWACConfig) -> dict[st
         "actor_forward_next_obs": dense_flops(b, actor),
         "target_critic_forward": 2 * dense_flops(b, critic),
         "actor_forward": dense_flops(b, actor),
-        "actor_backward": _backward_flops(b, actor),
+        "actor_backward": backward_flops(b, actor),
         "critic_forward_2b": 2 * dense_flops(2 * b, critic),
-        "critic_backward_2b": 2 * _backward_flops(2 * b, critic),
+        "critic_backward_2b": 2 * backward_flops(2 * b, critic),
     }
 
 
@@ -69,8 +64,8 @@ def torch_update_flops(obs_dim: int, act_dim: int, batch_size: int, hidden_dims:
     actor = [obs_dim, *hidden_dims, act_dim]
     critic = [obs_dim + act_dim, *hidden_dims, 1]
     fa, fc = dense_flops(b, actor), dense_flops(b, critic)
-    critic_step = fa + 2 * fc + 2 * fc + 2 * _backward_flops(b, critic)
-    actor_step = 4 * fc + fa + fa + _backward_flops(b, actor)
+    critic_step = fa + 2 * fc + 2 * fc + 2 * backward_flops(b, critic)
+    actor_step = 4 * fc + fa + fa + backward_flops(b, actor)
     return critic_step + actor_step
 
 

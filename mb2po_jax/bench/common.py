@@ -60,3 +60,9 @@ def matmul_flops_per_s(n: int = 1024, repeats: int = 8, min_time: float = 1.5) -
 def dense_flops(batch: int, sizes: list[int]) -> float:
     """Forward FLOPs of an MLP with layer widths `sizes` (multiply-adds counted as 2)."""
     return float(sum(2 * batch * a * b for a, b in zip(sizes[:-1], sizes[1:])))
+
+
+def backward_flops(batch: int, sizes: list[int]) -> float:
+    """Backward FLOPs of the same MLP: weight gradients of every layer plus input gradients of every layer
+    but the first (its input is data, nothing asks for its gradient)."""
+    return 2.0 * dense_flops(batch, list(sizes)) - 2.0 * batch * sizes[0] * sizes[1]

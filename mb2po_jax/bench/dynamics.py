@@ -1,9 +1,10 @@
 """Dynamics-ensemble training throughput: Adam minibatch updates per second (all members at once).
 
 One update = every member's forward and backward on its own [batch_size, obs_dim + act_dim] bootstrap
-minibatch. FLOPs per update are counted as 3 x the forward matmul FLOPs (backward = weight gradient +
-input gradient, each as large as the forward; the first layer's input gradient is not needed, so this
-slightly over-counts). Elementwise work (swish, NLL, Adam) is not counted.
+minibatch. FLOPs per update count the matmuls the update runs: every member's forward, its weight
+gradients, and its input gradients of every layer but the first (nothing asks for the gradient of the
+data), i.e. just under 3 x the forward; `hlo_matmul_flops_per_update` recounts them from the dots of the
+compiled loss-and-gradient program. Elementwise work (swish, NLL, Adam) is not counted.
 
 Timed: one compiled epoch call (`dynamics.make_train_epoch`) of `num_updates` updates, which also includes
 the per-member reshuffle of the bootstrap indices and a small holdout evaluation (< 1% of the work).
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from mb2po_jax import dynamics as dyn
-from mb2po_jax.bench.common import block, dense_flops, matmul_flops_per_s, time_call
+from mb2po_jax.bench.awac import hlo_matmul_flops
+from mb2po_jax.bench.common import backward_flops, block, dense_flops, matmul_flops_per_s, time_call
 
 
 def run(
@@ -49,13 +51,20 @@ def run(
     peak = max(peak, matmul_flops_per_s())
 
     sizes = dyn._layer_sizes(cfg, obs_dim, act_dim)
-    flops_per_update = 3.0 * num_members * dense_flops(batch_size, sizes)
+    flops_per_update = num_members * (dense_flops(batch_size, sizes) + backward_flops(batch_size, sizes))
     rate = num_updates / seconds
+    # The same count read off the compiled gradient of one minibatch (shapes as in an epoch's update).
+    grad_fn = jax.jit(jax.value_and_grad(dyn.ensemble_loss, has_aux=True), static_argnums=3)
+    rows = data["bootstrap"][:, :batch_size]
+    hlo_flops = hlo_matmul_flops(
+        grad_fn.lower(state.params, data["inputs"][rows], data["targets"][rows], cfg).compile().as_text()
+    )
     return {
         "benchmark": "dynamics",
         "minibatch_updates_per_s": rate,
         "flops_per_update": flops_per_update,
-        "flops_note": "3 x forward matmul FLOPs of all members (fwd + bwd)",
+        "flops_note": "matmul FLOPs of all members: forward, weight gradients, input gradients but the first layer's",
+        "hlo_matmul_flops_per_update": hlo_flops,
         "matmul_flops_per_s": peak,
         "fraction_of_matmul_peak": rate * flops_per_update / peak,
         "num_members": num_members,
