@@ -227,7 +227,7 @@ def _mlp(params: Params, x: jax.Array) -> jax.Array:
         e, hdim = w.shape[:2]
         h = (w.reshape(e * hdim, -1) @ x).reshape(e, hdim, -1) + jnp.swapaxes(layers[0]["b"], 1, 2)
         h, layers = swish(h), layers[1:]
-    else:  # [E, in, B] (or a shared [in, B], broadcast by the einsum below)
+    else:  # [E, in, B], or a shared [in, B] broadcast to every member (no hidden layer)
         h = x if x.ndim == 3 else jnp.broadcast_to(x, (layers[0]["w"].shape[0],) + x.shape)
     for i, layer in enumerate(layers):
         h = jnp.einsum("eio,eib->eob", layer["w"], h) + jnp.swapaxes(layer["b"], 1, 2)

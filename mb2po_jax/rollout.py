@@ -159,7 +159,7 @@ def _rollout_chunk(
     layout = resolve_layout(config.layout)
 
     c, d = start_obs.shape[0], obs_dim + 1
-    k_pi, k_member, k_noise = jax.random.split(key, 3)
+    k_policy, k_member, k_noise = jax.random.split(key, 3)
     # The rollout's own random draws for the whole chunk at once, before the horizon loop: on CPU every
     # threefry draw is a small while loop of its own, and two per step cost ~5% of a rollout.
     # Algorithm 1: "uniformly sample T from {T_i}" per trajectory and step.
@@ -189,7 +189,7 @@ def _rollout_chunk(
         obs = jnp.where(alive_next[:, None], next_obs, obs)
         return (obs, alive_next), out
 
-    xs = (jax.random.split(k_pi, config.horizon), members, noise)
+    xs = (jax.random.split(k_policy, config.horizon), members, noise)
     _, outs = jax.lax.scan(step, (start_obs, start_alive), xs)
     return outs
 

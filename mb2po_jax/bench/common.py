@@ -7,6 +7,8 @@ across sittings, an absolute rate is not.
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 import time
 from typing import Any, Callable
 
@@ -66,3 +68,74 @@ def backward_flops(batch: int, sizes: list[int]) -> float:
     """Backward FLOPs of the same MLP: weight gradients of every layer plus input gradients of every layer
     but the first (its input is data, nothing asks for its gradient)."""
     return 2.0 * dense_flops(batch, list(sizes)) - 2.0 * batch * sizes[0] * sizes[1]
+
+
+# --- matmul FLOPs of a compiled XLA program, read from its optimised HLO text ----------------------------
+
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]")
+_OPCODE = re.compile(r"\s([a-z][\w\-]*)\(")
+_CALLEES = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def hlo_matmul_flops(hlo_text: str) -> float | None:
+    """FLOPs of every `dot` executed by one run of the program (2 * output elements * contraction size),
+    while-loop bodies multiplied by XLA's known trip count. None if a loop's trip count is unknown."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(2)
+            comps[current] = []
+            entry = current if m.group(1) else entry
+            continue
+        if current is None:
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            shapes[m.group(1)] = tuple(int(d) for d in m.group(3).split(",") if d)
+        comps[current].append(line)
+
+    def dot_flops(line: str) -> float:
+        out = _INSTRUCTION.match(line)
+        lhs = re.search(r"\sdot\(\s*(?:\w+\[[\d,]*\]\S*\s+)?%?([\w.\-]+)", line).group(1)
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+        k = math.prod(shapes[lhs][int(d)] for d in contracting.split(",") if d)
+        return 2.0 * math.prod(int(d) for d in out.group(3).split(",") if d) * k
+
+    memo: dict[str, float | None] = {}
+
+    def total(name: str) -> float | None:
+        if name not in memo:
+            memo[name] = None  # guards against (impossible) recursion
+            flops = 0.0
+            for line in comps.get(name, []):
+                op = _OPCODE.search(line.split("=", 1)[-1])
+                opcode = op.group(1) if op else ""
+                if opcode == "dot":
+                    flops += dot_flops(line)
+                trips = 1
+                if opcode == "while":
+                    m = _TRIP_COUNT.search(line)
+                    if m is None:
+                        return None
+                    trips = int(m.group(1))
+                for kind, callee in _CALLEES.findall(line):
+                    sub = total(callee)
+                    if sub is None:
+                        return None
+                    flops += sub * (trips if kind == "body" else 1)
+                m = _BRANCHES.search(line)
+                if m:  # a conditional runs one branch: count the most expensive
+                    subs = [total(c.strip().lstrip("%")) for c in m.group(1).split(",")]
+                    if any(s is None for s in subs):
+                        return None
+                    flops += max(subs, default=0.0)
+            memo[name] = flops
+        return memo[name]
+
+    return None if entry is None else total(entry)

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from mb2po_jax import dynamics as dyn
-from mb2po_jax.bench.awac import hlo_matmul_flops
-from mb2po_jax.bench.common import backward_flops, block, dense_flops, matmul_flops_per_s, time_call
+from mb2po_jax.bench.common import (
+    backward_flops, block, dense_flops, hlo_matmul_flops, matmul_flops_per_s, time_call,
+)
 
 
 def run(
