@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ensemble_dots import EIGEN_DOTS  # the script's own folder is on sys.path
 from mb2po_jax import dynamics as dyn
 
-EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 barrier = jax.lax.optimization_barrier
 
 
