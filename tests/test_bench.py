@@ -145,3 +145,28 @@ def test_model_based_benchmarks_print_their_documented_keys(name, args, rate_key
         assert out["torch_rows_per_s"] > 0 and out["speedup_vs_torch"] > 0
     else:
         assert out["imagined_steps"] == 2000 and out["projected_paper_protocol_hours"] > 0
+
+
+@pytest.mark.parametrize("name, args", [
+    ("rollout", ["--steps", "2000", "--repeats", "1"]),
+    ("mb2po", ["--imagined_steps", "2000", "--updates_per_iteration", "5", "--dataset_size", "500",
+               "--repeats", "1"]),
+])
+def test_model_based_benchmarks_run_on_a_batch_mesh_of_cpu_host_devices(name, args):
+    # --devices 2 on CPU: two XLA host devices (set before JAX starts), the trajectories split over them.
+    out = _one_json_line(_bench(name, *args, "--devices", "2"))
+    assert out["devices"] == 2 and out["fraction_of_matmul_peak"] > 0
+    if name == "mb2po":
+        assert out["mesh"].startswith("2 devices (cpu), one seed")
+
+
+def test_more_devices_than_the_process_has_is_one_clear_error():
+    code = ("import jax; jax.devices()\n"  # the backend is up: the host device count is fixed at 1
+            "from mb2po_jax.bench.common import bench_mesh\n"
+            "from mb2po_jax.errors import ConfigError\n"
+            "try:\n    bench_mesh(3)\nexcept ConfigError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(env, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr
+    assert "--devices=3: only 1 cpu device(s)" in proc.stdout

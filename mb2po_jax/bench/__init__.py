@@ -17,6 +17,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from mb2po_jax.bench.common import MissingDependency
+from mb2po_jax.errors import Mb2poError
 
 # name -> module; a module not written yet is reported as "not available", not as an unknown name.
 BENCHMARKS = {
@@ -106,6 +107,6 @@ def run(argv: Sequence[str] | None = None) -> None:
     try:
         with contextlib.redirect_stdout(sys.stderr):
             result = bench(**kwargs)
-    except MissingDependency as e:
+    except (MissingDependency, Mb2poError) as e:
         _fail(str(e), 1)
     print(json.dumps(_jsonable(result)), flush=True)

@@ -14,6 +14,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mb2po_jax import sharding
+from mb2po_jax.errors import ConfigError
 
 
 class MissingDependency(RuntimeError):
@@ -43,20 +48,46 @@ def time_call(fn: Callable[[], Any], *, min_time: float = 2.0, min_repeats: int 
     return min(times)
 
 
-def matmul_flops_per_s(n: int = 1024, repeats: int = 8, min_time: float = 1.5) -> float:
-    """float32 [n,n] @ [n,n] rate through XLA on the default device, chained so nothing is skipped."""
+def bench_mesh(devices: int, num_seeds: int = 1) -> Mesh | None:
+    """The run's mesh (`sharding.run_mesh`) over the first `devices` devices; None for one. On CPU, n > 1
+    asks XLA for n host devices (`jax_num_cpu_devices`), which only works before JAX's first operation in
+    the process: the CLI calls this first. The host devices share the machine's cores."""
+    if devices <= 1:
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)  # read by the CPU backend only
+    except RuntimeError:
+        pass  # backends already started: whatever devices there are
+    have = jax.devices()
+    if len(have) < devices:
+        raise ConfigError(f"--devices={devices}: only {len(have)} {have[0].platform} device(s) in this process "
+                          f"(on CPU the host device count is fixed when JAX starts: pass --devices in a "
+                          f"fresh process)")
+    return sharding.run_mesh(num_seeds, have[:devices])
+
+
+def matmul_flops_per_s(n: int = 1024, repeats: int = 8, min_time: float = 1.5, mesh: Mesh | None = None) -> float:
+    """float32 [n,n] @ [n,n] rate through XLA on the default device, chained so nothing is skipped. With a
+    mesh: every device of it runs its own chain at the same time and the rate is their sum, the aggregate
+    a program on that mesh can reach (CPU host devices share the cores, so about the one-device rate)."""
     key = jax.random.PRNGKey(0)
     a = jax.random.normal(key, (n, n), jnp.float32) / jnp.sqrt(n)
 
-    @jax.jit
     def chain(x):
         def body(x, _):
             return x @ a, None
 
         return jax.lax.scan(body, x, None, length=repeats)[0]
 
-    seconds = time_call(lambda: chain(a), min_time=min_time)
-    return 2.0 * n**3 * repeats / seconds
+    if mesh is None:
+        fn, x, copies = jax.jit(chain), a, 1
+    else:
+        copies = mesh.size
+        axis = mesh.axis_names[0]
+        fn = jax.jit(jax.shard_map(lambda x: chain(x[0])[None], mesh=mesh, in_specs=P(axis), out_specs=P(axis)))
+        x = jax.device_put(jnp.broadcast_to(a, (copies, n, n)), jax.NamedSharding(mesh, P(axis)))
+    seconds = time_call(lambda: fn(x), min_time=min_time)
+    return 2.0 * n**3 * repeats * copies / seconds
 
 
 def dense_flops(batch: int, sizes: list[int]) -> float:

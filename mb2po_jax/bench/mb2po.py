@@ -15,9 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mb2po_jax import awac, dynamics as dyn, mb2po
+from mb2po_jax import awac, dynamics as dyn, mb2po, sharding
 from mb2po_jax.bench.awac import update_flops
-from mb2po_jax.bench.common import block, dense_flops, matmul_flops_per_s, time_call
+from mb2po_jax.bench.common import bench_mesh, block, dense_flops, matmul_flops_per_s, time_call
 from mb2po_jax.bench.rollout import random_dynamics_state
 from mb2po_jax.termination import hopper_termination
 
@@ -35,9 +35,13 @@ def run(
     dataset_size: int = 100_000,
     repeats: int = 2,
     min_time: float = 0.0,
+    devices: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One full MB2PO iteration, timed best-of `repeats` calls after a compile-and-warm-up call."""
+    """One full MB2PO iteration, timed best-of `repeats` calls after a compile-and-warm-up call.
+    `devices` > 1: the pipeline's mesh over that many devices (`sharding.run_mesh`: one seed on a batch
+    mesh, several seeds split over a seed mesh); the reference rate is then the devices' aggregate."""
+    mesh = bench_mesh(devices, num_seeds)  # first: on CPU it sets the host device count
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
     mcfg = mb2po.MB2POConfig(imagined_steps=imagined_steps, updates_per_iteration=updates_per_iteration,
                              horizon=horizon, num_slots=num_slots)
@@ -51,8 +55,9 @@ def run(
     data = awac.Batch(observations=obs, actions=jnp.tanh(obs[:, :act_dim]), rewards=obs[:, 1],
                       next_observations=obs, terminals=jnp.zeros((dataset_size,)))
     agents = awac.init_seeds(jax.random.split(k_agent, num_seeds), obs_dim, act_dim, acfg)
-    state = mb2po.init_seeds(agents, mcfg, obs_dim, act_dim)
-    step = mb2po.make_iteration_fn(mcfg, hopper_termination)
+    state = mb2po.init_sharded(agents, mcfg, obs_dim, act_dim, mesh)
+    models, data = sharding.shard_seeds(models, mesh), sharding.replicate(data, mesh)
+    step = mb2po.make_iteration_fn(mcfg, hopper_termination, mesh)
 
     holder = [state]
 
@@ -63,9 +68,9 @@ def run(
     t0 = time.perf_counter()
     block(call())
     compile_and_first_s = time.perf_counter() - t0
-    peak = matmul_flops_per_s()
+    peak = matmul_flops_per_s(mesh=mesh)
     seconds = time_call(call, min_time=min_time, min_repeats=repeats)
-    peak = max(peak, matmul_flops_per_s())
+    peak = max(peak, matmul_flops_per_s(mesh=mesh))
 
     sizes = dyn._layer_sizes(dcfg, obs_dim, act_dim)
     k = acfg.num_components
@@ -88,4 +93,6 @@ def run(
         "num_seeds": num_seeds,
         "compile_and_first_call_s": compile_and_first_s,
         "device": str(jax.devices()[0]),
+        "devices": devices,
+        "mesh": sharding.describe(mesh),
     }

@@ -16,7 +16,8 @@ import numpy as np
 
 from mb2po_jax import dynamics as dyn
 from mb2po_jax import rollout as ro
-from mb2po_jax.bench.common import block, dense_flops, matmul_flops_per_s, require_torch, time_call
+from mb2po_jax import sharding
+from mb2po_jax.bench.common import bench_mesh, block, dense_flops, matmul_flops_per_s, require_torch, time_call
 from mb2po_jax.termination import hopper_termination
 
 
@@ -72,6 +73,7 @@ def run(
     min_time: float = 0.0,
     repeats: int = 2,
     compare_torch: bool = False,
+    devices: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
     """One iteration of `steps` imagined steps (steps // horizon start states), timed best-of (at least
@@ -79,7 +81,10 @@ def run(
     weights most trajectories stop early but every step's matmuls still run (static shapes), so the work is the same.
     chunk_size 0 and layout "auto" pick the backend's defaults (`rollout.default_chunk_size`,
     `rollout.resolve_layout`). `compare_torch` also times an OfflineRL-Kit-style PyTorch rollout
-    (`torch_rollout`: einsum ensemble, numpy round trip every step) on the same shapes, right after."""
+    (`torch_rollout`: einsum ensemble, numpy round trip every step) on the same shapes, right after.
+    `devices` > 1 splits every chunk's trajectories over that many devices, as one seed's MB2PO iteration
+    does on a batch mesh (same numbers as one device); the reference rate is then the devices' aggregate."""
+    mesh = bench_mesh(devices)  # first: on CPU it sets the host device count
     if compare_torch:
         require_torch()
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
@@ -91,18 +96,21 @@ def run(
     policy_params = init_tanh_gaussian_policy(k_pi, obs_dim, act_dim, policy_hidden)
     num_starts = steps // horizon
     start_obs = jax.random.normal(k_obs, (num_starts, obs_dim), jnp.float32)
-    fn = ro.make_rollout_fn(tanh_gaussian_policy_fn, hopper_termination, rcfg)
+    rows = lambda x: sharding.constrain_rows(x, mesh)  # the identity without a mesh
+    policy_fn = lambda params, key, obs: rows(tanh_gaussian_policy_fn(params, key, rows(obs)))
+    dyn_state, policy_params, start_obs = sharding.replicate((dyn_state, policy_params, start_obs), mesh)
+    fn = ro.make_rollout_fn(policy_fn, hopper_termination, rcfg)
 
     t0 = time.perf_counter()
     block(fn(k_roll, policy_params, dyn_state, start_obs))
     compile_and_first_s = time.perf_counter() - t0
     # Reference rate before and after, the higher one kept: on a shared machine a peak measured during
     # someone else's burst would flatter the ratio.
-    peak = matmul_flops_per_s()
+    peak = matmul_flops_per_s(mesh=mesh)
     seconds = time_call(
         lambda: fn(k_roll, policy_params, dyn_state, start_obs), min_time=min_time, min_repeats=repeats
     )
-    peak = max(peak, matmul_flops_per_s())
+    peak = max(peak, matmul_flops_per_s(mesh=mesh))
 
     members = num_members if (penalty == "max_aleatoric" or not use_elites) else num_elites
     sizes = dyn._layer_sizes(dcfg, obs_dim, act_dim)
@@ -132,6 +140,7 @@ def run(
         "penalty": penalty,
         "compile_and_first_call_s": compile_and_first_s,
         "device": str(jax.devices()[0]),
+        "devices": devices,
         **extra,
     }
 
