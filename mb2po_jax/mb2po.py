@@ -142,10 +142,7 @@ def iteration(
     mesh: a batch mesh splits the trajectories, ring rows and minibatch rows over its devices (same
     numbers up to reduction order); None or a seed mesh changes nothing here."""
     rows = lambda x, axis=0: sharding.constrain_rows(x, mesh, axis)
-
-    def policy(agent, key, obs):  # obs [C, o]: one rollout chunk's trajectories, split over the devices
-        return rows(policy_sample(agent, key, rows(obs)))
-
+    policy = sharding.split_policy_rows(policy_sample, mesh)  # a rollout chunk's trajectories split
     agent = state.agent
     key, k_collect = jax.random.split(agent.key)
     agent = agent.replace(key=key)

@@ -126,6 +126,15 @@ def constrain_rows(x: Any, mesh: Mesh | None, axis: int = 0) -> Any:
         lambda a: jax.lax.with_sharding_constraint(a, split_axis_sharding(a.ndim, mesh, axis)), x)
 
 
+def split_policy_rows(policy_fn: Any, mesh: Mesh | None) -> Any:
+    """`policy_fn(params, key, obs [C, o]) -> act [C, a]` with its observations and actions split by rows
+    over a batch mesh (the function itself otherwise). Inside a rollout chunk this is the one place the
+    trajectory axis is visible; XLA propagates the split to the ensemble forward and the random draws."""
+    if not is_batch_mesh(mesh):
+        return policy_fn
+    return lambda params, key, obs: constrain_rows(policy_fn(params, key, constrain_rows(obs, mesh)), mesh)
+
+
 # ------------------------------------------------------------------------------------------ processes
 def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
                          process_id: int | None = None, auto: bool = False) -> bool:

@@ -96,8 +96,7 @@ def run(
     policy_params = init_tanh_gaussian_policy(k_pi, obs_dim, act_dim, policy_hidden)
     num_starts = steps // horizon
     start_obs = jax.random.normal(k_obs, (num_starts, obs_dim), jnp.float32)
-    rows = lambda x: sharding.constrain_rows(x, mesh)  # the identity without a mesh
-    policy_fn = lambda params, key, obs: rows(tanh_gaussian_policy_fn(params, key, rows(obs)))
+    policy_fn = sharding.split_policy_rows(tanh_gaussian_policy_fn, mesh)  # as mb2po.iteration does
     dyn_state, policy_params, start_obs = sharding.replicate((dyn_state, policy_params, start_obs), mesh)
     fn = ro.make_rollout_fn(policy_fn, hopper_termination, rcfg)
 
