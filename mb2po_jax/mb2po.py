@@ -17,6 +17,12 @@ Devices (`sharding`): several seeds are split over a seed mesh by their leading 
 One seed on several devices uses a batch mesh: the rollout's trajectories (constrained where the policy
 sees them, inside the rollout's chunk loop), the ring's rows and the AWAC minibatch rows are split over
 the devices, parameters replicated; the random draws are the same as on one device.
+
+On a CPU (`sharding.rollout_mesh`, `mb2po-train --rollout_devices`), the iteration is instead two compiled
+calls: `imagine` (step 1) with its trajectories split over 2 XLA host devices, which overlap one another's
+small ops on the cores, then `learn` (steps 2 and 3) on the first device, where everything else lives
+(data-parallel AWAC updates are slower there). Same numbers as the one call in the same process, bit for
+bit; a one-device process rounds the last float bits differently (XLA:CPU splits its threads otherwise).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mb2po_jax import awac, buffer as buf, dynamics as dyn, rollout as ro, sharding
 from mb2po_jax.errors import ConfigError
@@ -129,27 +135,39 @@ def policy_sample(agent: awac.AWACState, key: jax.Array, obs: jax.Array) -> jax.
     return awac.act(agent, obs, key)
 
 
-def iteration(
-    state: MB2POState,
+def imagine(
+    agent: awac.AWACState,
     dyn_state: dyn.DynamicsState,
-    dataset: awac.Batch,
+    observations: jax.Array,
     *,
     config: MB2POConfig,
     termination_fn: TerminationFn,
     mesh: Mesh | None = None,
-) -> tuple[MB2POState, dict[str, jax.Array]]:
-    """One MB2PO iteration for one seed (pure). dataset: D_beta on the device (policy action scale).
-    mesh: a batch mesh splits the trajectories, ring rows and minibatch rows over its devices (same
-    numbers up to reduction order); None or a seed mesh changes nothing here."""
-    rows = lambda x, axis=0: sharding.constrain_rows(x, mesh, axis)
+) -> tuple[ro.RolloutBatch, dict[str, jax.Array]]:
+    """Step 1 of an iteration for one seed (pure): start states from D_beta's `observations`, the rollout
+    of the current policy. Reads the agent's key without advancing it (`learn` advances it)."""
+    _, k_collect = jax.random.split(agent.key)
+    k_start, k_roll = jax.random.split(k_collect)
+    start = ro.sample_start_states(k_start, observations, config.num_starts)
     policy = sharding.split_policy_rows(policy_sample, mesh)  # a rollout chunk's trajectories split
-    agent = state.agent
-    key, k_collect = jax.random.split(agent.key)
-    agent = agent.replace(key=key)
-    ring, rollout_metrics = buf.collect(k_collect, agent, dyn_state, dataset.observations, state.buffer,
-                                        policy_fn=policy, termination_fn=termination_fn,
-                                        rollout_config=config.rollout_config(), num_starts=config.num_starts)
-    ring = rows(ring, 1)  # storage [slots, R, ...]: rows split; counters replicated
+    return ro.rollout(k_roll, agent, dyn_state, start, policy_fn=policy, termination_fn=termination_fn,
+                      config=config.rollout_config())
+
+
+def learn(
+    state: MB2POState,
+    batch: ro.RolloutBatch,
+    rollout_metrics: dict[str, jax.Array],
+    dataset: awac.Batch,
+    *,
+    config: MB2POConfig,
+    mesh: Mesh | None = None,
+) -> tuple[MB2POState, dict[str, jax.Array]]:
+    """Steps 2 and 3 for one seed (pure): `imagine`'s batch into the ring, then the AWAC updates."""
+    rows = lambda x, axis=0: sharding.constrain_rows(x, mesh, axis)
+    key, _ = jax.random.split(state.agent.key)  # the split `imagine` made
+    agent = state.agent.replace(key=key)
+    ring = rows(buf.add_rollout(state.buffer, batch), 1)  # storage [slots, R, ...]: rows split
 
     def mixed(data, key, batch_size):  # Algorithm 1: omega from D_beta, the rest from {D_k-i}
         return awac.Batch.from_mapping(rows(buf.mixed_batch(key, data[0], data[1], batch_size, config.omega)))
@@ -161,16 +179,54 @@ def iteration(
     return MB2POState(agent=agent, buffer=ring, iteration=state.iteration + 1), metrics
 
 
+def iteration(
+    state: MB2POState,
+    dyn_state: dyn.DynamicsState,
+    dataset: awac.Batch,
+    *,
+    config: MB2POConfig,
+    termination_fn: TerminationFn,
+    mesh: Mesh | None = None,
+) -> tuple[MB2POState, dict[str, jax.Array]]:
+    """One MB2PO iteration for one seed (pure): `imagine` then `learn`. dataset: D_beta on the device
+    (policy action scale). mesh: a batch mesh splits the trajectories, ring rows and minibatch rows over
+    its devices (same numbers up to reduction order); None or a seed mesh changes nothing here."""
+    batch, rollout_metrics = imagine(state.agent, dyn_state, dataset.observations, config=config,
+                                     termination_fn=termination_fn, mesh=mesh)
+    return learn(state, batch, rollout_metrics, dataset, config=config, mesh=mesh)
+
+
 @functools.lru_cache(maxsize=8)  # one compilation per (config, rule, mesh) in a process (resumes, tests)
-def make_iteration_fn(config: MB2POConfig, termination_fn: TerminationFn, mesh: Mesh | None = None):
+def make_iteration_fn(config: MB2POConfig, termination_fn: TerminationFn, mesh: Mesh | None = None,
+                      rollout_mesh: Mesh | None = None):
     """Compiled `(state [S], dyn_state [S], dataset) -> (state [S], metrics [S])`: one iteration for every
     seed. The state is donated (the ring is updated in place); do not reuse the argument. With a batch
-    mesh, place the state with `state_shardings` (or build it with `init_sharded`)."""
+    mesh, place the state with `state_shardings` (or build it with `init_sharded`).
+
+    rollout_mesh (CPU host devices, `sharding.rollout_mesh`; `mesh` must be None): the iteration is two
+    compiled calls, `imagine` with its trajectories split over this batch mesh, then `learn` on its first
+    device, where the state, models and dataset live. The numbers are those of the one-call iteration."""
 
     def one_seed(state, dyn_state, dataset):
         return iteration(state, dyn_state, dataset, config=config, termination_fn=termination_fn, mesh=mesh)
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)), donate_argnums=0)
+    if rollout_mesh is None:
+        return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)), donate_argnums=0)
+    if mesh is not None:
+        raise ConfigError("mb2po: a rollout mesh runs everything but the rollout on one device; mesh must be None")
+    imagine_fn = jax.jit(jax.vmap(functools.partial(imagine, config=config, termination_fn=termination_fn,
+                                                    mesh=rollout_mesh), in_axes=(0, 0, None)))
+    everywhere = NamedSharding(rollout_mesh, PartitionSpec())
+    home = sharding.first_device_sharding(rollout_mesh)
+    learn_fn = jax.jit(jax.vmap(functools.partial(learn, config=config), in_axes=(0, 0, 0, None)),
+                       in_shardings=home, out_shardings=home, donate_argnums=0)  # one layout: no recompile
+
+    def fn(state, dyn_state, dataset):
+        on_mesh = jax.device_put((state.agent, dyn_state, dataset.observations), everywhere)  # device copies
+        batch, rollout_metrics = jax.device_put(imagine_fn(*on_mesh), home)
+        return learn_fn(state, batch, rollout_metrics, dataset)
+
+    return fn
 
 
 def state_bytes(config: MB2POConfig, obs_dim: int, act_dim: int, num_seeds: int) -> int:

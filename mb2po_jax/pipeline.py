@@ -38,6 +38,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, sharding
 from mb2po_jax.termination import termination_fn_for
@@ -161,10 +162,12 @@ _act_seeds = jax.jit(awac.act_seeds)  # deterministic evaluation actions, state 
 
 
 class Run:
-    """One `mb2po-train` invocation over a workdir."""
+    """One `mb2po-train` invocation over a workdir. rollout_mesh (`sharding.rollout_mesh`, CPU host
+    devices): the MB2PO rollouts are split over it and the rest of the run stays on its first device."""
 
     def __init__(self, workdir: str, dataset: str | None, env: str | None, config: config_lib.RunConfig,
-                 *, preset: str = "custom", log: Callable[[str], None] | None = None):
+                 *, preset: str = "custom", log: Callable[[str], None] | None = None,
+                 rollout_mesh: Mesh | None = None):
         self.workdir = os.path.abspath(workdir)
         self.config = config.validate()
         self.preset = preset
@@ -179,7 +182,9 @@ class Run:
         self.env_id = self.dataset.env_id
         spaces = env_spaces(self.env_id)
         self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
-        self.mesh = sharding.run_mesh(self.config.num_seeds)
+        self.rollout_mesh = rollout_mesh
+        home = None if rollout_mesh is None else list(rollout_mesh.devices.flat[:1])
+        self.mesh = sharding.run_mesh(self.config.num_seeds, home)
         if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
             self.available_bytes = mb2po.available_device_bytes()
             self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
@@ -482,7 +487,7 @@ class Run:
         data = self._device_dataset()
         models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
         models = sharding.shard_seeds(models, self.mesh)
-        step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh)
+        step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh, self.rollout_mesh)
         progress = self._progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
         try:
             while it < mcfg.iterations:
@@ -511,7 +516,9 @@ class Run:
         cfg = self.config
         self.log(f"dataset {self.dataset.name}: {self.dataset.num_transitions} transitions, "
                  f"{self.dataset.num_episodes} episodes, env {self.env_id}; workdir {self.workdir}; "
-                 f"{cfg.num_seeds} seed(s) on {sharding.describe(self.mesh)}")
+                 f"{cfg.num_seeds} seed(s) on {sharding.describe(self.mesh)}"
+                 + ("" if self.rollout_mesh is None or "mb2po" not in cfg.stages else
+                    f"; MB2PO rollouts split over {self.rollout_mesh.devices.size} CPU host devices"))
         if "mb2po" in cfg.stages:
             ring, peak = self.memory
             self.log(f"MB2PO memory: model rings {ring / 2**30:.2f} GiB + {peak / 2**30:.2f} GiB per rollout "

@@ -135,6 +135,60 @@ def split_policy_rows(policy_fn: Any, mesh: Mesh | None) -> Any:
     return lambda params, key, obs: constrain_rows(policy_fn(params, key, constrain_rows(obs, mesh)), mesh)
 
 
+def first_device_sharding(mesh: Mesh) -> jax.sharding.SingleDeviceSharding:
+    """The mesh's first device, where a rollout mesh's run keeps everything but the rollout."""
+    return jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
+
+
+def _host_device_count_preset() -> bool:
+    return "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+
+
+def request_cpu_devices(n: int) -> None:
+    """Asks XLA:CPU for `n` host devices (`jax_num_cpu_devices`), unless XLA_FLAGS already fixes the count
+    (the config would override it). Only works before JAX's first operation in the process; afterwards the
+    process keeps the devices it has (callers check `jax.devices()`). Harmless on an accelerator."""
+    if _host_device_count_preset():
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)  # read by the CPU backend only
+    except RuntimeError:
+        pass  # backends already started
+
+
+def auto_rollout_devices() -> int:
+    """The default rollout device count, decided before JAX starts: 2 on a machine with at least 2 cores
+    when XLA_FLAGS does not fix the host device count, else 1. `rollout_mesh(n, strict=False)` turns it
+    into no mesh where it does not apply (an accelerator, several processes)."""
+    return 2 if (os.cpu_count() or 1) >= 2 and not _host_device_count_preset() else 1
+
+
+def rollout_mesh(n: int, devices: list | None = None, strict: bool = True) -> Mesh | None:
+    """The CPU rollout mesh: a batch mesh over the first `n` CPU host devices of a single process (None for
+    n <= 1). XLA:CPU runs one program's small elementwise ops on one thread while the other cores wait;
+    two host devices are two executors, so one device's small ops overlap the other's matmuls. strict:
+    a request that cannot be met is a ConfigError naming --rollout_devices; otherwise it gives None."""
+    if n < 1 and strict:
+        raise ConfigError(f"--rollout_devices={n} must be at least 1")
+    if n <= 1:
+        return None
+    devices = list(jax.local_devices() if devices is None else devices)
+    problem = None
+    if devices[0].platform != "cpu":
+        problem = (f"is for CPU host devices; this run is on {devices[0].platform} (several seeds split over "
+                   f"devices, or a batch mesh for one seed, use them instead)")
+    elif jax.process_count() > 1:
+        problem = "works in a single process only"
+    elif len(devices) < n:
+        problem = (f"needs {n} cpu devices, this process has {len(devices)} (the host device count is fixed "
+                   f"when JAX starts: pass the flag to a fresh process)")
+    if problem is None:
+        return Mesh(np.asarray(devices[:n]), (BATCH_AXIS,))
+    if strict:
+        raise ConfigError(f"--rollout_devices={n} {problem}")
+    return None
+
+
 # ------------------------------------------------------------------------------------------ processes
 def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
                          process_id: int | None = None, auto: bool = False) -> bool:

@@ -79,6 +79,9 @@ flags.DEFINE_boolean("use_elites", None, "Draw rollout members from the elites o
 flags.DEFINE_enum("buffer_dtype", None, ["float32", "bfloat16"], "Storage dtype of the model ring.")
 flags.DEFINE_integer("rollout_chunk_size", None, "Trajectories per rollout chunk (default: by backend).")
 flags.DEFINE_integer("mb2po_eval_every", None, "Evaluate every this many MB2PO iterations.")
+flags.DEFINE_integer("rollout_devices", None, "CPU host devices each MB2PO rollout is split over (same "
+                     "numbers; the rest of the run stays on the first). Default: 2 on a CPU with 2+ cores "
+                     "when --stages has mb2po, else 1; ignored on accelerators unless given.")
 flags.DEFINE_integer("mb2po_checkpoint_every", None, "Checkpoint (ring included) every this many iterations.")
 # Several processes (multi-host): jax.distributed.initialize before anything else.
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator, the same on every "
@@ -119,7 +122,14 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     from mb2po_jax import sharding
 
+    several_processes = bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed)
+    rollout_devices = FLAGS.rollout_devices
+    if rollout_devices is None:
+        rollout_devices = (sharding.auto_rollout_devices()
+                           if "mb2po" in FLAGS.stages and not several_processes else 1)
     try:  # before any other JAX call
+        if rollout_devices > 1:
+            sharding.request_cpu_devices(rollout_devices)
         sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                       auto=FLAGS.distributed)
     except Mb2poError as e:
@@ -137,7 +147,9 @@ def main(argv):
             "workdirs",
             f"{os.path.basename(dataset_name or 'default').replace('/', '_')}_{FLAGS.preset}_seed{FLAGS.seed}",
         )
-        run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset)
+        rollout_mesh = sharding.rollout_mesh(rollout_devices, strict=FLAGS.rollout_devices is not None)
+        run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset,
+                           rollout_mesh=rollout_mesh)
         results = run()
     except pipeline.Stopped as stopped:
         print(stopped, file=sys.stderr)

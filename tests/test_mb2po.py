@@ -163,3 +163,35 @@ def test_cli_refuses_a_ring_that_cannot_fit(tmp_path):
     errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "GiB" in errors[0] and "--num_slots" in errors[0], out.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_cli_rollout_on_two_cpu_host_devices_equals_one_device_and_resumes(tmp_path):
+    """`--rollout_devices=2` (the rollout split over 2 XLA host devices, the rest on the first), stopped
+    after 2 iterations and resumed to 4 with the default: every MB2PO training metric matches a one-device
+    process's run to float rounding, the counts exactly."""
+    data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
+    flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
+
+    def train(workdir, *extra):
+        out = subprocess.run([sys.executable, "-m", "mb2po_jax.train", "--dataset", data, "--workdir",
+                              str(tmp_path / workdir), "--stages=awac,dynamics,mb2po", *flags, *extra],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    def mb2po_records(workdir):  # training records (the stop at 2 adds an evaluation)
+        lines = [json.loads(l) for l in (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "seconds_per_iteration")} for r in lines
+                if r["stage"] == "mb2po" and "return" not in r]
+
+    assert "rollouts split" not in train("one", "--rollout_devices=1")
+    assert "MB2PO rollouts split over 2 CPU host devices" in train("two", "--rollout_devices=2",
+                                                                    "--mb2po_iterations=2")
+    assert "resuming from iteration 2" in train("two")
+    one, two = mb2po_records("one"), mb2po_records("two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):  # a 2-device process's XLA:CPU threads round the last float bits differently
+        assert a.keys() == b.keys()
+        assert a["buffer_rows"] == b["buffer_rows"] and a["rollout_num_valid"] == b["rollout_num_valid"]
+        for k in a.keys() - {"stage"}:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=f"step {a['step']} {k}")

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import numpy as np
 import pytest
 
 from mb2po_jax import sharding
+from mb2po_jax.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,10 +95,46 @@ ONE_SEED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_on_4_devices(tmp_path, script_text):
+ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
+    import json, logging, sys
+    sys.path.insert(0, {here!r})
+    import jax, numpy as np
+    from mb2po_jax import awac, mb2po, sharding
+    from mb2po_jax.termination import never_terminate
+    from test_mb2po import _agents, _dataset, _stack
+    from test_rollout import hand_state, OBS, ACT
+
+    compiled = []  # names of the programs XLA compiles, from JAX's compile log
+    handler = logging.Handler()
+    handler.emit = lambda record: compiled.append(record.getMessage().split("(")[1].split(")")[0])
+    handler.addFilter(lambda record: record.getMessage().startswith("Compiling jit("))
+    logging.getLogger("jax._src.interpreters.pxla").addHandler(handler)
+
+    cfg = mb2po.MB2POConfig(imagined_steps=352, updates_per_iteration=20, num_slots=2, horizon=4, chunk_size=44)
+    models = _stack(hand_state(np.array([[0.1, -0.1, 1.0]] * 3), np.full((3, 3), -2.0), [0, 1, 2]), 2)
+    agents, _ = awac.make_train_steps(20)(_agents(2), _dataset())
+    results = []
+    for rollout_mesh in (None, sharding.rollout_mesh(2)):
+        step = mb2po.make_iteration_fn(cfg, never_terminate, None, rollout_mesh)
+        state = mb2po.init_seeds(jax.tree.map(np.array, agents), cfg, OBS, ACT)  # donated below
+        jax.config.update("jax_log_compiles", rollout_mesh is not None)
+        for _ in range(3):
+            state, metrics = step(state, models, _dataset())
+        jax.config.update("jax_log_compiles", False)
+        results.append([np.asarray(x) for x in jax.tree.leaves(state)])
+    print(json.dumps({{"devices": [d.platform for d in rollout_mesh.devices.flat],
+                      "compiled": sorted(name for name in compiled if name in ("imagine", "learn")),
+                      "state_devices": sorted({{d.id for x in jax.tree.leaves(state) for d in x.devices()}}),
+                      "iteration": np.asarray(state.iteration).tolist(),
+                      "valid": np.asarray(metrics["rollout_num_valid"]).tolist(),
+                      "identical": all(np.array_equal(a, b) for a, b in zip(*results))}}))
+""")
+
+
+def _run_on_4_devices(tmp_path, script_text, devices=4):
     script = tmp_path / "sharded.py"
     script.write_text(script_text.format(here=HERE))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,3 +168,29 @@ def test_one_seed_rows_split_over_devices_equal_one_device(tmp_path):
     assert info["params_replicated"] and info["valid"] == 352
     assert info["exact_ints"]  # ring counts, write indices, step counters
     assert info["worst_relative_difference"] < 1e-3
+
+
+def test_rollout_on_cpu_host_devices_equals_one_call(tmp_path):
+    """Two seeds, three MB2PO iterations as one compiled call and as the CPU rollout-mesh pair (`imagine` on
+    2 host devices, `learn` on the first): the same state bit for bit, each program compiled once (the
+    second iteration reuses the first's), and the state stays on device 0."""
+    info = _run_on_4_devices(tmp_path, ROLLOUT_MESH_SCRIPT, devices=2)
+    assert info["devices"] == ["cpu", "cpu"]
+    assert info["compiled"] == ["imagine", "learn"], info["compiled"]
+    assert info["state_devices"] == [0]
+    assert info["iteration"] == [3, 3] and info["valid"] == [352, 352]
+    assert info["identical"]
+
+
+def test_rollout_mesh_requests_that_cannot_be_met():
+    cpu = jax.devices()[0]
+    assert sharding.rollout_mesh(1) is None
+    with pytest.raises(ConfigError, match=r"--rollout_devices=2 needs 2 cpu devices, this process has 1"):
+        sharding.rollout_mesh(2, [cpu])
+    with pytest.raises(ConfigError, match=r"--rollout_devices=2 is for CPU host devices; this run is on gpu"):
+        sharding.rollout_mesh(2, [types.SimpleNamespace(platform="gpu")] * 2)
+    with pytest.raises(ConfigError, match=r"--rollout_devices=0 must be at least 1"):
+        sharding.rollout_mesh(0)
+    # The default (strict=False) falls back to no mesh instead.
+    assert sharding.rollout_mesh(2, [cpu], strict=False) is None
+    assert sharding.rollout_mesh(2, [types.SimpleNamespace(platform="gpu")] * 2, strict=False) is None

@@ -53,16 +53,23 @@ def bench_mesh(devices: int, num_seeds: int = 1) -> Mesh | None:
     the process: the CLI calls this first. The host devices share the machine's cores."""
     if devices <= 1:
         return None
-    try:
-        jax.config.update("jax_num_cpu_devices", devices)  # read by the CPU backend only
-    except RuntimeError:
-        pass  # backends already started: whatever devices there are
+    sharding.request_cpu_devices(devices)
     have = jax.devices()
     if len(have) < devices:
         raise ConfigError(f"--devices={devices}: only {len(have)} {have[0].platform} device(s) in this process "
                           f"(on CPU the host device count is fixed when JAX starts: pass --devices in a "
                           f"fresh process)")
     return sharding.run_mesh(num_seeds, have[:devices])
+
+
+def bench_rollout_mesh(rollout_devices: int) -> Mesh | None:
+    """The CPU rollout mesh of a `mb2po-train --rollout_devices` run (`sharding.rollout_mesh`); 0: the
+    run's default (2 host devices on a CPU with 2+ cores, none on an accelerator). Call it before JAX's
+    first operation in the process, as `bench_mesh`."""
+    n = sharding.auto_rollout_devices() if rollout_devices == 0 else rollout_devices
+    if n > 1:
+        sharding.request_cpu_devices(n)
+    return sharding.rollout_mesh(n, strict=rollout_devices != 0)
 
 
 def matmul_flops_per_s(n: int = 1024, repeats: int = 8, min_time: float = 1.5, mesh: Mesh | None = None) -> float:

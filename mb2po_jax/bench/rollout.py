@@ -17,7 +17,8 @@ import numpy as np
 from mb2po_jax import dynamics as dyn
 from mb2po_jax import rollout as ro
 from mb2po_jax import sharding
-from mb2po_jax.bench.common import bench_mesh, block, dense_flops, matmul_flops_per_s, require_torch, time_call
+from mb2po_jax.bench.common import (bench_mesh, bench_rollout_mesh, block, dense_flops, matmul_flops_per_s,
+                                    require_torch, time_call)
 from mb2po_jax.termination import hopper_termination
 
 
@@ -73,7 +74,7 @@ def run(
     min_time: float = 0.0,
     repeats: int = 2,
     compare_torch: bool = False,
-    devices: int = 1,
+    devices: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """One iteration of `steps` imagined steps (steps // horizon start states), timed best-of (at least
@@ -83,8 +84,12 @@ def run(
     `rollout.resolve_layout`). `compare_torch` also times an OfflineRL-Kit-style PyTorch rollout
     (`torch_rollout`: einsum ensemble, numpy round trip every step) on the same shapes, right after.
     `devices` > 1 splits every chunk's trajectories over that many devices, as one seed's MB2PO iteration
-    does on a batch mesh (same numbers as one device); the reference rate is then the devices' aggregate."""
-    mesh = bench_mesh(devices)  # first: on CPU it sets the host device count
+    does on a batch mesh or a CPU rollout mesh (same numbers as one device); the reference rate is then
+    the devices' aggregate. 0 (default): as `mb2po-train` runs it, 2 CPU host devices on a CPU with 2+
+    cores (`mb2po-train --rollout_devices`), 1 on an accelerator."""
+    # First: on CPU these set the host device count.
+    mesh = bench_rollout_mesh(0) if devices == 0 else bench_mesh(devices)
+    devices = 1 if mesh is None else mesh.size
     if compare_torch:
         require_torch()
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
