@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from mb2po_jax import sharding
 from mb2po_jax.bench import awac, dynamics, mb2po, rollout
 from mb2po_jax.bench.common import require_torch
 
@@ -23,6 +24,9 @@ from mb2po_jax.bench.common import require_torch
 def run(out: str = "bench.json", quick: bool = False, seeds: tuple[int, ...] = (1, 2, 4, 8),
         compare_torch: bool = False) -> dict[str, Any]:
     """Runs awac, dynamics, rollout, mb2po and AWAC seed scaling; writes `out` and returns the same dict."""
+    # Before JAX starts: the host devices `mb2po-train` would run its rollouts on (awac and dynamics use
+    # the first, as the pipeline's first two stages do).
+    sharding.request_cpu_devices(sharding.auto_rollout_devices())
     if compare_torch:
         require_torch()
     steps = 100_000 if quick else 1_000_000
