@@ -18,11 +18,12 @@ One seed on several devices uses a batch mesh: the rollout's trajectories (const
 sees them, inside the rollout's chunk loop), the ring's rows and the AWAC minibatch rows are split over
 the devices, parameters replicated; the random draws are the same as on one device.
 
-On a CPU (`sharding.rollout_mesh`, `mb2po-train --rollout_devices`), the iteration is instead two compiled
-calls: `imagine` (step 1) with its trajectories split over 2 XLA host devices, which overlap one another's
-small ops on the cores, then `learn` (steps 2 and 3) on the first device, where everything else lives
-(data-parallel AWAC updates are slower there). Same numbers as the one call in the same process, bit for
-bit; a one-device process rounds the last float bits differently (XLA:CPU splits its threads otherwise).
+On a CPU with one seed or an odd number (`sharding.cpu_layout`, `mb2po-train --cpu_devices`), the
+iteration is instead two compiled calls: `imagine` (step 1) with its trajectories split over 2 XLA host
+devices, which overlap one another's small ops on the cores, then `learn` (steps 2 and 3) on the first
+device, where everything else lives (data-parallel AWAC updates are slower there). Same numbers as the one
+call in the same process, bit for bit; a one-device process rounds the last float bits differently
+(XLA:CPU splits its threads otherwise).
 """
 from __future__ import annotations
 
@@ -203,7 +204,7 @@ def make_iteration_fn(config: MB2POConfig, termination_fn: TerminationFn, mesh: 
     seed. The state is donated (the ring is updated in place); do not reuse the argument. With a batch
     mesh, place the state with `state_shardings` (or build it with `init_sharded`).
 
-    rollout_mesh (CPU host devices, `sharding.rollout_mesh`; `mesh` must be None): the iteration is two
+    rollout_mesh (CPU host devices, `sharding.cpu_layout`; `mesh` must be None): the iteration is two
     compiled calls, `imagine` with its trajectories split over this batch mesh, then `learn` on its first
     device, where the state, models and dataset live. The numbers are those of the one-call iteration."""
 

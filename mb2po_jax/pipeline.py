@@ -162,12 +162,12 @@ _act_seeds = jax.jit(awac.act_seeds)  # deterministic evaluation actions, state 
 
 
 class Run:
-    """One `mb2po-train` invocation over a workdir. rollout_mesh (`sharding.rollout_mesh`, CPU host
-    devices): the MB2PO rollouts are split over it and the rest of the run stays on its first device."""
+    """One `mb2po-train` invocation over a workdir. layout: (mesh, rollout mesh) as `sharding.cpu_layout`
+    gives them; default: `sharding.run_mesh(num_seeds)` over every device, and no rollout mesh."""
 
     def __init__(self, workdir: str, dataset: str | None, env: str | None, config: config_lib.RunConfig,
                  *, preset: str = "custom", log: Callable[[str], None] | None = None,
-                 rollout_mesh: Mesh | None = None):
+                 layout: tuple[Mesh | None, Mesh | None] | None = None):
         self.workdir = os.path.abspath(workdir)
         self.config = config.validate()
         self.preset = preset
@@ -182,9 +182,7 @@ class Run:
         self.env_id = self.dataset.env_id
         spaces = env_spaces(self.env_id)
         self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
-        self.rollout_mesh = rollout_mesh
-        home = None if rollout_mesh is None else list(rollout_mesh.devices.flat[:1])
-        self.mesh = sharding.run_mesh(self.config.num_seeds, home)
+        self.mesh, self.rollout_mesh = layout or (sharding.run_mesh(self.config.num_seeds), None)
         if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
             self.available_bytes = mb2po.available_device_bytes()
             self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,

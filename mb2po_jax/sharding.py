@@ -156,37 +156,47 @@ def request_cpu_devices(n: int) -> None:
         pass  # backends already started
 
 
-def auto_rollout_devices() -> int:
-    """The default rollout device count, decided before JAX starts: 2 on a machine with at least 2 cores
-    when XLA_FLAGS does not fix the host device count, else 1. `rollout_mesh(n, strict=False)` turns it
-    into no mesh where it does not apply (an accelerator, several processes)."""
-    return 2 if (os.cpu_count() or 1) >= 2 and not _host_device_count_preset() else 1
+def auto_cpu_devices(num_seeds: int, stages: tuple[str, ...] | list[str]) -> int:
+    """The default host device count of a run, decided before JAX starts: 2 on a machine with at least 2
+    cores, when XLA_FLAGS does not fix the host device count and the run has work that gains from two
+    executors (`cpu_layout`): an MB2PO stage, or AWAC with an even number of seeds. Else 1.
+    `cpu_layout(..., strict=False)` turns it into one device where it does not apply (an accelerator,
+    several processes)."""
+    gains = "mb2po" in stages or ("awac" in stages and num_seeds > 1 and num_seeds % 2 == 0)
+    return 2 if gains and (os.cpu_count() or 1) >= 2 and not _host_device_count_preset() else 1
 
 
-def rollout_mesh(n: int, devices: list | None = None, strict: bool = True) -> Mesh | None:
-    """The CPU rollout mesh: a batch mesh over the first `n` CPU host devices of a single process (None for
-    n <= 1). XLA:CPU runs one program's small elementwise ops on one thread while the other cores wait;
-    two host devices are two executors, so one device's small ops overlap the other's matmuls. strict:
-    a request that cannot be met is a ConfigError naming --rollout_devices; otherwise it gives None."""
+def cpu_layout(num_seeds: int, n: int, strict: bool = True,
+               devices: list | None = None) -> tuple[Mesh | None, Mesh | None]:
+    """A run's (mesh, rollout mesh) over the first `n` CPU host `devices` (default: the process's).
+    XLA:CPU runs one program's small elementwise ops on one thread while the other cores wait; two host
+    devices are two executors, so one device's small ops overlap the other's matmuls.
+    - n <= 1, or a request that cannot be met with strict=False: the default (`run_mesh(num_seeds)`, None).
+    - num_seeds a multiple of n (> 1): a seed mesh over the n devices, each running its own seeds.
+    - otherwise: every stage on the first device, and each MB2PO rollout split over a batch mesh of the n
+      devices (`mb2po.make_iteration_fn(rollout_mesh=)`).
+    strict: a request that cannot be met is a ConfigError naming --cpu_devices."""
     if n < 1 and strict:
-        raise ConfigError(f"--rollout_devices={n} must be at least 1")
+        raise ConfigError(f"--cpu_devices={n} must be at least 1")
     if n <= 1:
-        return None
+        return run_mesh(num_seeds), None
     devices = list(jax.local_devices() if devices is None else devices)
     problem = None
     if devices[0].platform != "cpu":
         problem = (f"is for CPU host devices; this run is on {devices[0].platform} (several seeds split over "
-                   f"devices, or a batch mesh for one seed, use them instead)")
+                   f"devices, or a batch mesh for one seed, use them by default)")
     elif jax.process_count() > 1:
         problem = "works in a single process only"
     elif len(devices) < n:
         problem = (f"needs {n} cpu devices, this process has {len(devices)} (the host device count is fixed "
                    f"when JAX starts: pass the flag to a fresh process)")
-    if problem is None:
-        return Mesh(np.asarray(devices[:n]), (BATCH_AXIS,))
-    if strict:
-        raise ConfigError(f"--rollout_devices={n} {problem}")
-    return None
+    if problem is not None:
+        if strict:
+            raise ConfigError(f"--cpu_devices={n} {problem}")
+        return run_mesh(num_seeds), None
+    if num_seeds > 1 and num_seeds % n == 0:
+        return run_mesh(num_seeds, devices[:n]), None
+    return run_mesh(num_seeds, devices[:1]), Mesh(np.asarray(devices[:n]), (BATCH_AXIS,))
 
 
 # ------------------------------------------------------------------------------------------ processes

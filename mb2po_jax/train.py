@@ -79,9 +79,10 @@ flags.DEFINE_boolean("use_elites", None, "Draw rollout members from the elites o
 flags.DEFINE_enum("buffer_dtype", None, ["float32", "bfloat16"], "Storage dtype of the model ring.")
 flags.DEFINE_integer("rollout_chunk_size", None, "Trajectories per rollout chunk (default: by backend).")
 flags.DEFINE_integer("mb2po_eval_every", None, "Evaluate every this many MB2PO iterations.")
-flags.DEFINE_integer("rollout_devices", None, "CPU host devices each MB2PO rollout is split over (same "
-                     "numbers; the rest of the run stays on the first). Default: 2 on a CPU with 2+ cores "
-                     "when --stages has mb2po, else 1; ignored on accelerators unless given.")
+flags.DEFINE_integer("cpu_devices", None, "XLA host devices a CPU run uses (single process; same numbers): "
+                     "several seeds, a multiple of it, are split over them; otherwise each MB2PO rollout is, "
+                     "and the rest stays on the first. Default: 2 on a CPU with 2+ cores when --stages has "
+                     "mb2po, or awac with an even --num_seeds; else 1. Ignored on accelerators unless given.")
 flags.DEFINE_integer("mb2po_checkpoint_every", None, "Checkpoint (ring included) every this many iterations.")
 # Several processes (multi-host): jax.distributed.initialize before anything else.
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator, the same on every "
@@ -122,14 +123,18 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     from mb2po_jax import sharding
 
-    several_processes = bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed)
-    rollout_devices = FLAGS.rollout_devices
-    if rollout_devices is None:
-        rollout_devices = (sharding.auto_rollout_devices()
-                           if "mb2po" in FLAGS.stages and not several_processes else 1)
-    try:  # before any other JAX call
-        if rollout_devices > 1:
-            sharding.request_cpu_devices(rollout_devices)
+    try:  # config first: the host device count depends on it, and is fixed before any JAX call
+        dataset_name = FLAGS.dataset
+        from mb2po_jax.data import DEFAULT_DATASET
+
+        task = config_lib.task_defaults(dataset_name or DEFAULT_DATASET, FLAGS.task_config)
+        config = config_lib.make_config(FLAGS.preset, _overrides(), task)
+        several_processes = bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed)
+        cpu_devices = FLAGS.cpu_devices
+        if cpu_devices is None:
+            cpu_devices = 1 if several_processes else sharding.auto_cpu_devices(config.num_seeds, config.stages)
+        if cpu_devices > 1:
+            sharding.request_cpu_devices(cpu_devices)
         sharding.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                       auto=FLAGS.distributed)
     except Mb2poError as e:
@@ -138,18 +143,12 @@ def main(argv):
     from mb2po_jax import pipeline  # heavy imports after flag parsing, so --help is fast
 
     try:
-        dataset_name = FLAGS.dataset
-        from mb2po_jax.data import DEFAULT_DATASET
-
-        task = config_lib.task_defaults(dataset_name or DEFAULT_DATASET, FLAGS.task_config)
-        config = config_lib.make_config(FLAGS.preset, _overrides(), task)
         workdir = FLAGS.workdir or os.path.join(
             "workdirs",
             f"{os.path.basename(dataset_name or 'default').replace('/', '_')}_{FLAGS.preset}_seed{FLAGS.seed}",
         )
-        rollout_mesh = sharding.rollout_mesh(rollout_devices, strict=FLAGS.rollout_devices is not None)
-        run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset,
-                           rollout_mesh=rollout_mesh)
+        layout = sharding.cpu_layout(config.num_seeds, cpu_devices, strict=FLAGS.cpu_devices is not None)
+        run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset, layout=layout)
         results = run()
     except pipeline.Stopped as stopped:
         print(stopped, file=sys.stderr)

@@ -166,11 +166,12 @@ def test_cli_refuses_a_ring_that_cannot_fit(tmp_path):
 
 
 def test_cli_rollout_on_two_cpu_host_devices_equals_one_device_and_resumes(tmp_path):
-    """`--rollout_devices=2` (the rollout split over 2 XLA host devices, the rest on the first), stopped
+    """One seed, `--cpu_devices=2` (the rollout split over 2 XLA host devices, the rest on the first), stopped
     after 2 iterations and resumed to 4 with the default: every MB2PO training metric matches the same
     run in this one-device process to float rounding, the counts exactly."""
     data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
-    flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in TINY.items()]
+    flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in {**TINY, "num_seeds": 1}.items()]
 
     def train(workdir, *extra):
         out = subprocess.run([sys.executable, "-m", "mb2po_jax.train", "--dataset", data, "--workdir",
@@ -184,8 +185,8 @@ def test_cli_rollout_on_two_cpu_host_devices_equals_one_device_and_resumes(tmp_p
         return [{k: v for k, v in r.items() if k not in ("time", "seconds_per_iteration")} for r in lines
                 if r["stage"] == "mb2po" and "return" not in r]
 
-    _run(tmp_path / "one", data)  # in this (one-device) process: the same flags as a config
-    assert "MB2PO rollouts split over 2 CPU host devices" in train("two", "--rollout_devices=2",
+    _run(tmp_path / "one", data, num_seeds=1)  # in this (one-device) process: the same flags as a config
+    assert "MB2PO rollouts split over 2 CPU host devices" in train("two", "--cpu_devices=2",
                                                                     "--mb2po_iterations=2")
     assert "resuming from iteration 2" in train("two")
     one, two = mb2po_records("one"), mb2po_records("two")

@@ -114,7 +114,9 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
     models = _stack(hand_state(np.array([[0.1, -0.1, 1.0]] * 3), np.full((3, 3), -2.0), [0, 1, 2]), 2)
     agents, _ = awac.make_train_steps(20)(_agents(2), _dataset())
     results = []
-    for rollout_mesh in (None, sharding.rollout_mesh(2)):
+    layouts = {{s: [None if m is None else [m.axis_names[0], m.size] for m in sharding.cpu_layout(s, 2)]
+               for s in (1, 2, 3, 4)}}
+    for rollout_mesh in (None, sharding.cpu_layout(3, 2)[1]):
         step = mb2po.make_iteration_fn(cfg, never_terminate, None, rollout_mesh)
         state = mb2po.init_seeds(jax.tree.map(np.array, agents), cfg, OBS, ACT)  # donated below
         jax.config.update("jax_log_compiles", rollout_mesh is not None)
@@ -122,7 +124,7 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
             state, metrics = step(state, models, _dataset())
         jax.config.update("jax_log_compiles", False)
         results.append([np.asarray(x) for x in jax.tree.leaves(state)])
-    print(json.dumps({{"devices": [d.platform for d in rollout_mesh.devices.flat],
+    print(json.dumps({{"devices": [d.platform for d in rollout_mesh.devices.flat], "layouts": layouts,
                       "compiled": sorted(name for name in compiled if name in ("imagine", "learn")),
                       "state_devices": sorted({{d.id for x in jax.tree.leaves(state) for d in x.devices()}}),
                       "iteration": np.asarray(state.iteration).tolist(),
@@ -173,24 +175,44 @@ def test_one_seed_rows_split_over_devices_equal_one_device(tmp_path):
 def test_rollout_on_cpu_host_devices_equals_one_call(tmp_path):
     """Two seeds, three MB2PO iterations as one compiled call and as the CPU rollout-mesh pair (`imagine` on
     2 host devices, `learn` on the first): the same state bit for bit, each program compiled once (the
-    second iteration reuses the first's), and the state stays on device 0."""
+    second iteration reuses the first's), and the state stays on device 0. And the layout
+    `mb2po-train --cpu_devices=2` picks for each seed count: a seed mesh when 2 divides it, else a rollout
+    mesh."""
     info = _run_on_4_devices(tmp_path, ROLLOUT_MESH_SCRIPT, devices=2)
     assert info["devices"] == ["cpu", "cpu"]
     assert info["compiled"] == ["imagine", "learn"], info["compiled"]
     assert info["state_devices"] == [0]
     assert info["iteration"] == [3, 3] and info["valid"] == [352, 352]
     assert info["identical"]
+    seeds, batch = [sharding.SEED_AXIS, 2], [sharding.BATCH_AXIS, 2]
+    assert info["layouts"] == {"1": [None, batch], "2": [seeds, None], "3": [None, batch], "4": [seeds, None]}
 
 
-def test_rollout_mesh_requests_that_cannot_be_met():
+def test_cpu_device_requests_that_cannot_be_met():
     cpu = jax.devices()[0]
-    assert sharding.rollout_mesh(1) is None
-    with pytest.raises(ConfigError, match=r"--rollout_devices=2 needs 2 cpu devices, this process has 1"):
-        sharding.rollout_mesh(2, [cpu])
-    with pytest.raises(ConfigError, match=r"--rollout_devices=2 is for CPU host devices; this run is on gpu"):
-        sharding.rollout_mesh(2, [types.SimpleNamespace(platform="gpu")] * 2)
-    with pytest.raises(ConfigError, match=r"--rollout_devices=0 must be at least 1"):
-        sharding.rollout_mesh(0)
-    # The default (strict=False) falls back to no mesh instead.
-    assert sharding.rollout_mesh(2, [cpu], strict=False) is None
-    assert sharding.rollout_mesh(2, [types.SimpleNamespace(platform="gpu")] * 2, strict=False) is None
+    gpus = [types.SimpleNamespace(platform="gpu")] * 2
+    assert sharding.cpu_layout(1, 1) == (None, None)
+    with pytest.raises(ConfigError, match=r"--cpu_devices=2 needs 2 cpu devices, this process has 1"):
+        sharding.cpu_layout(1, 2, devices=[cpu])
+    with pytest.raises(ConfigError, match=r"--cpu_devices=2 is for CPU host devices; this run is on gpu"):
+        sharding.cpu_layout(2, 2, devices=gpus)
+    with pytest.raises(ConfigError, match=r"--cpu_devices=0 must be at least 1"):
+        sharding.cpu_layout(1, 0)
+    # The default (strict=False) falls back to the one-device layout instead.
+    assert sharding.cpu_layout(1, 2, strict=False, devices=[cpu]) == (None, None)
+    assert sharding.cpu_layout(2, 2, strict=False, devices=gpus) == (None, None)
+
+
+def test_default_cpu_devices_only_where_they_gain(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert sharding.auto_cpu_devices(1, ("awac", "dynamics", "mb2po")) == 2
+    assert sharding.auto_cpu_devices(2, ("awac",)) == 2  # seeds split: AWAC 1.1-1.2x
+    assert sharding.auto_cpu_devices(1, ("awac",)) == 1
+    assert sharding.auto_cpu_devices(3, ("awac",)) == 1
+    assert sharding.auto_cpu_devices(2, ("dynamics",)) == 1  # 0.95x split
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert sharding.auto_cpu_devices(1, ("mb2po",)) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # the user's count stands
+    assert sharding.auto_cpu_devices(1, ("mb2po",)) == 1

@@ -26,7 +26,7 @@ def run(out: str = "bench.json", quick: bool = False, seeds: tuple[int, ...] = (
     """Runs awac, dynamics, rollout, mb2po and AWAC seed scaling; writes `out` and returns the same dict."""
     # Before JAX starts: the host devices `mb2po-train` would run its rollouts on (awac and dynamics use
     # the first, as the pipeline's first two stages do).
-    sharding.request_cpu_devices(sharding.auto_rollout_devices())
+    sharding.request_cpu_devices(sharding.auto_cpu_devices(1, ("mb2po",)))
     if compare_torch:
         require_torch()
     steps = 100_000 if quick else 1_000_000

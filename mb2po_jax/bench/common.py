@@ -62,14 +62,14 @@ def bench_mesh(devices: int, num_seeds: int = 1) -> Mesh | None:
     return sharding.run_mesh(num_seeds, have[:devices])
 
 
-def bench_rollout_mesh(rollout_devices: int) -> Mesh | None:
-    """The CPU rollout mesh of a `mb2po-train --rollout_devices` run (`sharding.rollout_mesh`); 0: the
-    run's default (2 host devices on a CPU with 2+ cores, none on an accelerator). Call it before JAX's
-    first operation in the process, as `bench_mesh`."""
-    n = sharding.auto_rollout_devices() if rollout_devices == 0 else rollout_devices
+def bench_cpu_layout(num_seeds: int, cpu_devices: int) -> tuple[Mesh | None, Mesh | None]:
+    """(mesh, rollout mesh) of a `mb2po-train --stages ...,mb2po --cpu_devices N` run (`sharding.cpu_layout`);
+    0: the run's default (2 host devices on a CPU with 2+ cores, none on an accelerator). Call it before
+    JAX's first operation in the process, as `bench_mesh`."""
+    n = sharding.auto_cpu_devices(num_seeds, ("mb2po",)) if cpu_devices == 0 else cpu_devices
     if n > 1:
         sharding.request_cpu_devices(n)
-    return sharding.rollout_mesh(n, strict=rollout_devices != 0)
+    return sharding.cpu_layout(num_seeds, n, strict=cpu_devices != 0)
 
 
 def matmul_flops_per_s(n: int = 1024, repeats: int = 8, min_time: float = 1.5, mesh: Mesh | None = None) -> float:

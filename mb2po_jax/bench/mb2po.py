@@ -1,7 +1,8 @@
 """Seconds per full MB2PO iteration (`mb2po.make_iteration_fn`): one rollout of `imagined_steps` imagined
 steps into the model ring, then `updates_per_iteration` AWAC updates on omega-mixed batches, for every seed,
-as the pipeline runs it (one compiled call, or on a CPU the rollout split over 2 host devices and then the
-updates: `--rollout_devices`). Paper size: 1M steps + 1000 updates.
+as the pipeline runs it (one compiled call; on a CPU, 2 host devices: the seeds split over them, or for
+one seed the rollout split over them and then the updates, `--cpu_devices`). Paper size: 1M steps + 1000
+updates.
 
 Random-init networks (speed does not depend on the weights); the real AWAC policy (5-component tanh-GMM)
 acts in the rollout. The ring has `num_slots` slots (default 2: sampling cost does not depend on the ring
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from mb2po_jax import awac, dynamics as dyn, mb2po, sharding
 from mb2po_jax.bench.awac import update_flops
-from mb2po_jax.bench.common import (bench_mesh, bench_rollout_mesh, block, dense_flops, matmul_flops_per_s,
+from mb2po_jax.bench.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
                                     time_call)
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.bench.rollout import random_dynamics_state
@@ -39,20 +40,22 @@ def run(
     repeats: int = 2,
     min_time: float = 0.0,
     devices: int = 1,
-    rollout_devices: int = 0,
+    cpu_devices: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """One full MB2PO iteration, timed best-of `repeats` calls after a compile-and-warm-up call.
     `devices` > 1: the pipeline's mesh over that many devices (`sharding.run_mesh`: one seed on a batch
     mesh, several seeds split over a seed mesh); the reference rate is then the devices' aggregate.
-    `rollout_devices` > 1: the rollout split over that many CPU host devices, the rest on the first
-    (`mb2po-train --rollout_devices`); 0 (default): the run's default, 2 on a CPU with 2+ cores when
-    `devices` is 1, else none."""
-    if devices > 1 and rollout_devices > 1:
-        raise ConfigError("--devices and --rollout_devices: give one of them")
+    `cpu_devices` > 1: that many CPU host devices as `mb2po-train --cpu_devices` uses them (seeds split
+    over them when they divide, else the rollout split and the rest on the first); 0 (default): the run's
+    default, 2 on a CPU with 2+ cores when `devices` is 1, else none."""
+    if devices > 1 and cpu_devices > 1:
+        raise ConfigError("--devices and --cpu_devices: give one of them")
     # First: on CPU these set the host device count.
-    mesh = bench_mesh(devices, num_seeds)
-    rollout_mesh = bench_rollout_mesh(rollout_devices if devices <= 1 else 1)
+    if devices > 1:
+        mesh, rollout_mesh = bench_mesh(devices, num_seeds), None
+    else:
+        mesh, rollout_mesh = bench_cpu_layout(num_seeds, cpu_devices)
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
     mcfg = mb2po.MB2POConfig(imagined_steps=imagined_steps, updates_per_iteration=updates_per_iteration,
                              horizon=horizon, num_slots=num_slots)

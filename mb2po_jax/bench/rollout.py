@@ -17,7 +17,7 @@ import numpy as np
 from mb2po_jax import dynamics as dyn
 from mb2po_jax import rollout as ro
 from mb2po_jax import sharding
-from mb2po_jax.bench.common import (bench_mesh, bench_rollout_mesh, block, dense_flops, matmul_flops_per_s,
+from mb2po_jax.bench.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
                                     require_torch, time_call)
 from mb2po_jax.termination import hopper_termination
 
@@ -86,9 +86,9 @@ def run(
     `devices` > 1 splits every chunk's trajectories over that many devices, as one seed's MB2PO iteration
     does on a batch mesh or a CPU rollout mesh (same numbers as one device); the reference rate is then
     the devices' aggregate. 0 (default): as `mb2po-train` runs it, 2 CPU host devices on a CPU with 2+
-    cores (`mb2po-train --rollout_devices`), 1 on an accelerator."""
+    cores (`mb2po-train --cpu_devices`), 1 on an accelerator."""
     # First: on CPU these set the host device count.
-    mesh = bench_rollout_mesh(0) if devices == 0 else bench_mesh(devices)
+    mesh = bench_cpu_layout(1, 0)[1] if devices == 0 else bench_mesh(devices)
     devices = 1 if mesh is None else mesh.size
     if compare_torch:
         require_torch()
