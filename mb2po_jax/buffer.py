@@ -157,15 +157,22 @@ def make_collect_fn(
     return jax.jit(fn, donate_argnums=4)
 
 
-def collect(key, policy_params, dyn_state, dataset_observations, buffer: ModelBuffer, *, policy_fn,
-            termination_fn, rollout_config: ro.RolloutConfig, num_starts: int):
-    """The pure body of `make_collect_fn` (also the first half of an MB2PO iteration)."""
+def rollout_from_dataset(key, policy_params, dyn_state, dataset_observations, *, policy_fn, termination_fn,
+                         rollout_config: ro.RolloutConfig, num_starts: int):
+    """`num_starts` start states drawn from D_beta, rolled out in the model (pure; the first half of
+    `collect`, and an MB2PO iteration's `imagine`). Returns (RolloutBatch, rollout metrics)."""
     k_start, k_roll = jax.random.split(key)
     start = ro.sample_start_states(k_start, dataset_observations, num_starts)
-    batch, metrics = ro.rollout(
-        k_roll, policy_params, dyn_state, start,
-        policy_fn=policy_fn, termination_fn=termination_fn, config=rollout_config,
-    )
+    return ro.rollout(k_roll, policy_params, dyn_state, start,
+                      policy_fn=policy_fn, termination_fn=termination_fn, config=rollout_config)
+
+
+def collect(key, policy_params, dyn_state, dataset_observations, buffer: ModelBuffer, *, policy_fn,
+            termination_fn, rollout_config: ro.RolloutConfig, num_starts: int):
+    """The pure body of `make_collect_fn`: `rollout_from_dataset`, then the batch into the ring."""
+    batch, metrics = rollout_from_dataset(key, policy_params, dyn_state, dataset_observations,
+                                          policy_fn=policy_fn, termination_fn=termination_fn,
+                                          rollout_config=rollout_config, num_starts=num_starts)
     return add_rollout(buffer, batch), metrics
 
 

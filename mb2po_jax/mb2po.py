@@ -148,11 +148,10 @@ def imagine(
     """Step 1 of an iteration for one seed (pure): start states from D_beta's `observations`, the rollout
     of the current policy. Reads the agent's key without advancing it (`learn` advances it)."""
     _, k_collect = jax.random.split(agent.key)
-    k_start, k_roll = jax.random.split(k_collect)
-    start = ro.sample_start_states(k_start, observations, config.num_starts)
     policy = sharding.split_policy_rows(policy_sample, mesh)  # a rollout chunk's trajectories split
-    return ro.rollout(k_roll, agent, dyn_state, start, policy_fn=policy, termination_fn=termination_fn,
-                      config=config.rollout_config())
+    return buf.rollout_from_dataset(k_collect, agent, dyn_state, observations, policy_fn=policy,
+                                    termination_fn=termination_fn, rollout_config=config.rollout_config(),
+                                    num_starts=config.num_starts)
 
 
 def learn(

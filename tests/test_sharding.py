@@ -133,7 +133,7 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_on_4_devices(tmp_path, script_text, devices=4):
+def _run_on_host_devices(tmp_path, script_text, devices=4):
     script = tmp_path / "sharded.py"
     script.write_text(script_text.format(here=HERE))
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -153,7 +153,7 @@ def test_seed_mesh_handles_counts_that_do_not_divide():
 def test_sharded_seeds_equal_unsharded_run(tmp_path):
     """AWAC updates then two MB2PO iterations for 4 seeds, once on device 0 and once sharded over 4 forced
     host devices, in one subprocess (XLA_FLAGS must be set before jax starts)."""
-    info = _run_on_4_devices(tmp_path, SCRIPT)
+    info = _run_on_host_devices(tmp_path, SCRIPT)
     assert (info["devices"], info["mesh"], info["shards"], info["shard_rows"]) == (4, 4, 4, 1)
     assert info["exact_ints"]  # step counters, ring counts, write indices
     assert info["worst_relative_difference"] < 1e-3
@@ -163,7 +163,7 @@ def test_one_seed_rows_split_over_devices_equal_one_device(tmp_path):
     """One seed, two MB2PO iterations on one device and on a 4-device batch mesh: the same state (same
     random draws), with every rollout chunk's trajectories and the ring's rows split 4 ways (read from the
     compiled program's matmul shapes and the ring's shards)."""
-    info = _run_on_4_devices(tmp_path, ONE_SEED_SCRIPT)
+    info = _run_on_host_devices(tmp_path, ONE_SEED_SCRIPT)
     assert info["mesh"] == [sharding.BATCH_AXIS, 4] and info["partitionable"]
     assert 11 in info["dot_dims"] and 44 not in info["dot_dims"], info["dot_dims"]  # 44 per chunk / 4 devices
     assert info["ring_rows"] == [[0, 0, 88], [1, 88, 88], [2, 176, 88], [3, 264, 88]]  # R = 352 rows
@@ -178,7 +178,7 @@ def test_rollout_on_cpu_host_devices_equals_one_call(tmp_path):
     second iteration reuses the first's), and the state stays on device 0. And the layout
     `mb2po-train --cpu_devices=2` picks for each seed count: a seed mesh when 2 divides it, else a rollout
     mesh."""
-    info = _run_on_4_devices(tmp_path, ROLLOUT_MESH_SCRIPT, devices=2)
+    info = _run_on_host_devices(tmp_path, ROLLOUT_MESH_SCRIPT, devices=2)
     assert info["devices"] == ["cpu", "cpu"]
     assert info["compiled"] == ["imagine", "learn"], info["compiled"]
     assert info["state_devices"] == [0]
