@@ -9,11 +9,15 @@ kernels allow from what the rest of an update costs (`mb2po-bench dynamics` time
     python experiments/ensemble_dots.py
     python experiments/ensemble_dots.py --eigen   # dots to Eigen, YNNPACK kept for reductions
     taskset -c 0 python experiments/ensemble_dots.py   # one core: against the one-core matmul rate
+    python experiments/ensemble_dots.py --compare_torch   # + the same products in PyTorch's BLAS (MKL on x86)
 
 `--eigen` compiles the timed functions with `compiler_options={"xla_cpu_experimental_ynn_fusion_type":
 "LIBRARY_FUSION_TYPE_REDUCE"}`: a per-function XLA option, the rest of the process is untouched.
 The last entry is the weight gradient as an NN dot on a transposed cotangent [E, B, O], the layout that
 Eigen runs fastest. The transpose is made once, outside the timed loop, so the figure leaves out its cost.
+`--compare_torch` times the same three products as `torch.bmm` (on x86 PyTorch's CPU build calls MKL) and
+PyTorch's own square-1024 rate, right after, in the same process: what another BLAS makes of these shapes,
+against its own square rate and against XLA's.
 """
 import argparse
 import functools
@@ -53,9 +57,40 @@ DOTS = {
 }
 
 
+def torch_rates(min_time: float = 1.0) -> dict[str, float]:
+    """Rates (FLOP/s) of torch.bmm on the same shapes and of torch's square 1024 matmul,
+    best-of calls over `min_time` seconds each, on as many threads as JAX's CPU client uses (the cores)."""
+    import os
+    import time
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def rate(fn, flops):
+        fn()
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < min_time:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return flops / best
+
+    w, h, g = torch.randn(E, I, O), torch.randn(E, I, B), torch.randn(E, O, B)
+    w_t, a = w.transpose(1, 2).contiguous(), torch.randn(1024, 1024)
+    one = 2.0 * E * I * O * B
+    return {
+        "forward     bmm(W^T, h)": rate(lambda: torch.bmm(w_t, h), one),
+        "input grad  bmm(W, g)": rate(lambda: torch.bmm(w, g), one),
+        "weight grad bmm(h, g^T)": rate(lambda: torch.bmm(h, g.transpose(1, 2)), one),
+        "square 1024": rate(lambda: a @ a, 2.0 * 1024**3),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eigen", action="store_true", help="give the dots to Eigen instead of YNNPACK")
+    parser.add_argument("--compare_torch", action="store_true", help="also time the products in PyTorch")
     args = parser.parse_args()
     options = EIGEN_DOTS if args.eigen else None
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -74,6 +109,13 @@ def main():
         print(f"{name:50s} {rate / 1e9:6.1f} GFLOP/s = {rate / peak:.2f} of the matmul rate")
     print(f"matmul rate (square 1024, same process): {peak / 1e9:.0f} GFLOP/s; dots: "
           f"{'Eigen' if args.eigen else 'XLA:CPU default (YNNPACK)'}")
+    if args.compare_torch:
+        rates = torch_rates()
+        square = rates.pop("square 1024")
+        for name, rate in rates.items():
+            print(f"torch {name:44s} {rate / 1e9:6.1f} GFLOP/s = {rate / square:.2f} of torch's square rate, "
+                  f"{rate / peak:.2f} of XLA's")
+        print(f"torch square 1024: {square / 1e9:.0f} GFLOP/s = {square / peak:.2f} x XLA's")
 
 
 if __name__ == "__main__":

@@ -72,10 +72,15 @@ def bench_cpu_layout(num_seeds: int, cpu_devices: int) -> tuple[Mesh | None, Mes
     return sharding.cpu_layout(num_seeds, n, strict=cpu_devices != 0)
 
 
-def matmul_flops_per_s(n: int = 1024, repeats: int = 8, min_time: float = 1.5, mesh: Mesh | None = None) -> float:
-    """float32 [n,n] @ [n,n] rate through XLA on the default device, chained so nothing is skipped. With a
+def matmul_flops_per_s(n: int | None = None, repeats: int = 8, min_time: float = 1.5,
+                       mesh: Mesh | None = None) -> float:
+    """float32 [n,n] @ [n,n] rate through XLA on the default device (at JAX's default matmul precision, as
+    the benchmarked programs run), chained so nothing is skipped. n: 1024 on CPU, 8192 on an accelerator
+    (a GPU needs that size to reach its rate: at 1024 a product is a few microseconds, launch-bound). With a
     mesh: every device of it runs its own chain at the same time and the rate is their sum, the aggregate
     a program on that mesh can reach (CPU host devices share the cores, so about the one-device rate)."""
+    if n is None:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
     key = jax.random.PRNGKey(0)
     a = jax.random.normal(key, (n, n), jnp.float32) / jnp.sqrt(n)
 
