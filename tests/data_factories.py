@@ -42,3 +42,10 @@ def hopper_arrays(lengths=(5, 7, 4), *, ends=("timeout", "terminal", "none"), dt
     if next_observations:
         raw["next_observations"] = np.concatenate(next_obs).astype(dtype)
     return raw
+
+
+def hopper_unhealthy(obs: np.ndarray) -> np.ndarray:
+    """SPEC section 3: healthy iff all finite, |s[1:]| < 100, height s[0] > 0.7, |angle s[1]| < 0.2."""
+    healthy = (np.all(np.isfinite(obs), axis=1) & np.all(np.abs(obs[:, 1:]) < 100, axis=1)
+               & (obs[:, 0] > 0.7) & (np.abs(obs[:, 1]) < 0.2))
+    return ~healthy

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_factories import hopper_unhealthy
 from mb2po_jax import sac
 from mb2po_jax.data import behavior, d4rl, generation, load_dataset, read_d4rl_hdf5
 from mb2po_jax.data.cli import run
@@ -66,17 +67,8 @@ def asset_root(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch, asset_root):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "local"))
+def isolated_dirs(data_dirs, monkeypatch, asset_root):
     monkeypatch.setenv("MB2PO_BEHAVIOR_DIR", str(asset_root / "assets"))
-
-
-def hopper_unhealthy(obs: np.ndarray) -> np.ndarray:
-    """SPEC section 3: healthy iff all finite, |s[1:]| < 100, height s[0] > 0.7, |angle s[1]| < 0.2."""
-    healthy = (np.all(np.isfinite(obs), axis=1) & np.all(np.abs(obs[:, 1:]) < 100, axis=1)
-               & (obs[:, 0] > 0.7) & (np.abs(obs[:, 1]) < 0.2))
-    return ~healthy
 
 
 def check_episode_flags(raw, max_episode_steps, seams=()):

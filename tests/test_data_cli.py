@@ -13,13 +13,7 @@ from mb2po_jax.data import load_dataset, normalized_score, write_d4rl_hdf5
 from mb2po_jax.data.cli import run
 
 
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
-    monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "local"))
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    monkeypatch.setenv("MB2PO_BEHAVIOR_DIR", str(tmp_path / "behavior"))  # no behaviour-policy assets
+pytestmark = pytest.mark.usefixtures("data_dirs", "no_behavior_assets")
 
 
 @pytest.fixture

@@ -18,13 +18,7 @@ from mb2po_jax.data import d4rl, registry
 from mb2po_jax.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch):
-    """No test reads or writes the real ~/.d4rl, ~/.cache or ~/.minari."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
-    monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "local"))
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+pytestmark = pytest.mark.usefixtures("data_dirs")  # no test reads or writes the real ~/.d4rl, ~/.cache
 
 
 def assert_same_raw(actual: dict, expected: dict):

@@ -6,22 +6,12 @@ import h5py
 import numpy as np
 import pytest
 
+from data_factories import hopper_unhealthy
 from mb2po_jax.data import generation, load_dataset, read_d4rl_hdf5, registry
 from mb2po_jax.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "local"))
-    monkeypatch.setenv("MB2PO_BEHAVIOR_DIR", str(tmp_path / "behavior"))  # none: shipped assets do not count
-
-
-def hopper_unhealthy(obs: np.ndarray) -> np.ndarray:
-    """SPEC section 3: healthy iff all finite, |s[1:]| < 100, height s[0] > 0.7, |angle s[1]| < 0.2."""
-    healthy = (np.all(np.isfinite(obs), axis=1) & np.all(np.abs(obs[:, 1:]) < 100, axis=1)
-               & (obs[:, 0] > 0.7) & (np.abs(obs[:, 1]) < 0.2))
-    return ~healthy
+pytestmark = pytest.mark.usefixtures("data_dirs", "no_behavior_assets")
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):

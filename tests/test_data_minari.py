@@ -13,10 +13,7 @@ from mb2po_jax.errors import DataError
 DATASET_ID = "test/hopper/tiny-v0"
 
 
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+pytestmark = pytest.mark.usefixtures("data_dirs")
 
 
 def _minari():
