@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["mb2po_jax", "mb2po_jax.*"]),
     package_data={"mb2po_jax": ["assets/**/*"]},
     install_requires=[
-        "jax>=0.4.35,<0.11",
+        "jax>=0.4.35,<0.12",
         "flax>=0.10,<0.13",
         "optax>=0.2.3,<0.3",
         "distrax>=0.1.5,<0.2",
