@@ -58,23 +58,17 @@ DOTS = {
 
 
 def torch_rates(min_time: float = 1.0) -> dict[str, float]:
-    """Rates (FLOP/s) of torch.bmm on the same shapes and of torch's square 1024 matmul,
-    best-of calls over `min_time` seconds each, on as many threads as JAX's CPU client uses (the cores)."""
+    """Rates (FLOP/s) of torch.bmm on the same shapes and of torch's square 1024 matmul, timed best-of
+    like the XLA products (`time_call`; torch CPU calls return when done), on as many threads as JAX's CPU
+    client uses (the cores)."""
     import os
-    import time
 
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
 
     def rate(fn, flops):
-        fn()
-        best, start = float("inf"), time.perf_counter()
-        while time.perf_counter() - start < min_time:
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return flops / best
+        return flops / time_call(fn, min_time=min_time)
 
     w, h, g = torch.randn(E, I, O), torch.randn(E, I, B), torch.randn(E, O, B)
     w_t, a = w.transpose(1, 2).contiguous(), torch.randn(1024, 1024)
