@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mb2po_jax", "mb2po_jax.*"]),
-    package_data={"mb2po_jax": ["assets/**/*"]},
+    package_data={"mb2po_jax": ["assets/**/*", "configs/*.json"]},
     install_requires=[
         "jax>=0.4.35,<0.12",
         "flax>=0.10,<0.13",
@@ -27,7 +27,10 @@ setup(
     ],
     extras_require={
         "minari": ["minari[hdf5]>=0.5,<0.6"],
-        "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6"],
+        # wheel: tests/test_config.py builds the package offline (pip wheel --no-build-isolation).
+        "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6", "wheel", "matplotlib>=3.7"],
+        # Learning curves of `experiments/benchmark.py report`.
+        "plot": ["matplotlib>=3.7"],
         # PyTorch reference implementations, only for `mb2po-bench --compare`.
         "bench": ["torch>=2.2"],
     },

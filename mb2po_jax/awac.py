@@ -4,6 +4,15 @@
   actor:   L_pi = E[-log pi(a|s) * min(exp(A(s,a) / alpha), 20)],  A(s,a) = Q(s,a) - E_{a'~pi}[Q(s,a')]
   Q = min over the twin critics, Q' the Polyak-averaged targets, alpha fixed (no partition function).
 
+The paper's section 2.1 says its Q-learning also uses distributional RL (quantile regression, Dabney et
+al. 2018) and the invertible value transform of Pohlen et al. 2018; both are options here, with no
+settings in the paper (README, "Fidelity to the paper"):
+  critic="quantile": each twin critic predicts K quantiles theta_k(s, a) at tau_k = (2k - 1) / 2K, trained
+    with the quantile Huber loss against the K target quantiles y_k = r + gamma (1 - done) min_j theta'_jk;
+    the value used by the actor is the quantiles' mean (min over the twins).
+  value_transform: the critics predict h(Q), h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps x, with targets
+    h(r + gamma (1 - done) h^-1(Q')); the actor's advantage is taken on h^-1 of the prediction.
+
 Everything here is pure: `update(state, batch, key) -> (state, metrics)` for one seed, `make_train_steps`
 fuses K updates with batches sampled on the device into one `lax.scan`, vmapped over a leading seed axis.
 
@@ -26,6 +35,9 @@ import optax
 from flax import struct
 
 from mb2po_jax import networks
+from mb2po_jax.errors import ConfigError
+
+CRITICS = ("twin", "quantile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +56,23 @@ class AWACConfig:
     temperature: float = 1.0  # the paper's alpha in exp(A / alpha)
     max_weight: float = 20.0  # the paper's clamp of the exponentiated advantage
     normalize_observations: bool = True
+    critic: str = "twin"  # "twin" (clipped double-Q) or "quantile" (twin distributional critics)
+    num_quantiles: int = 32  # K, with critic="quantile"
+    value_transform: bool = False  # Pohlen et al.'s h on the critics' outputs
+    value_transform_eps: float = 1e-2  # the eps of h (Pohlen et al.'s value)
+
+    def __post_init__(self):
+        if self.critic not in CRITICS:
+            raise ConfigError(f"--critic must be one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if self.num_quantiles < 1:
+            raise ConfigError(f"--num_quantiles must be >= 1, got {self.num_quantiles}")
+        if self.value_transform_eps <= 0:
+            raise ConfigError(f"--value_transform_eps must be positive, got {self.value_transform_eps}")
+
+    @property
+    def transform_eps(self) -> float | None:
+        """eps of the value transform h, or None when the critics predict Q itself."""
+        return self.value_transform_eps if self.value_transform else None
 
 
 class Normalizer(struct.PyTreeNode):
@@ -103,7 +132,56 @@ def _actor(config: AWACConfig, action_dim: int) -> networks.GMMParams:
 
 
 def _critic(config: AWACConfig) -> networks.EnsembleCritic:
-    return networks.EnsembleCritic(config.critic_hidden_dims, num_qs=2)
+    num_outputs = config.num_quantiles if config.critic == "quantile" else None
+    return networks.EnsembleCritic(config.critic_hidden_dims, num_qs=2, num_outputs=num_outputs)
+
+
+def value_transform(x: jax.Array, eps: float) -> jax.Array:
+    """Pohlen et al.'s h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps x: compresses large values, invertible.
+    sqrt(|x| + 1) - 1 is computed as |x| / (sqrt(|x| + 1) + 1), which keeps float precision near 0."""
+    return jnp.sign(x) * jnp.abs(x) / (jnp.sqrt(jnp.abs(x) + 1.0) + 1.0) + eps * x
+
+
+def inverse_value_transform(y: jax.Array, eps: float) -> jax.Array:
+    """h^-1(y) = sign(y)((s)^2 - 1), s = sqrt(|x| + 1) the positive root of eps s^2 + s - (1 + eps + |y|) = 0.
+    Computed as (s - 1)(s + 1) with s - 1 = 2|y| / (sqrt((1 + 2 eps)^2 + 4 eps |y|) + 1 + 2 eps), the same
+    root without the cancellation near 0."""
+    a = jnp.abs(y)
+    s_minus_1 = 2.0 * a / (jnp.sqrt((1.0 + 2.0 * eps) ** 2 + 4.0 * eps * a) + 1.0 + 2.0 * eps)
+    return jnp.sign(y) * s_minus_1 * (s_minus_1 + 2.0)
+
+
+def critic_target(rewards: jax.Array, terminals: jax.Array, next_q: jax.Array, gamma: float,
+                  transform_eps: float | None) -> jax.Array:
+    """The Bellman target y = r + gamma (1 - done) Q'(s', a'), or h(r + gamma (1 - done) h^-1(Q')) under
+    the value transform. rewards/terminals [B]; next_q [B] (already the min over the target twins) or
+    [B, K] quantiles, mapped one by one (h is monotone, so quantiles stay quantiles)."""
+    if next_q.ndim == 2:
+        rewards, terminals = rewards[:, None], terminals[:, None]
+    if transform_eps is None:
+        return rewards + gamma * (1.0 - terminals) * next_q
+    backup = rewards + gamma * (1.0 - terminals) * inverse_value_transform(next_q, transform_eps)
+    return value_transform(backup, transform_eps)
+
+
+def quantile_huber_loss(quantiles: jax.Array, targets: jax.Array, kappa: float = 1.0) -> jax.Array:
+    """Quantile regression loss of QR-DQN (Dabney et al. 2018, eq. 10): quantiles [..., K] predicted at
+    tau_k = (2k - 1) / 2K, targets [..., M] samples of the target distribution -> [...]:
+    sum_k mean_m |tau_k - 1{u < 0}| Huber_kappa(u) / kappa,  u = y_m - theta_k."""
+    k = quantiles.shape[-1]
+    taus = (jnp.arange(k, dtype=quantiles.dtype) + 0.5) / k
+    u = targets[..., None, :] - quantiles[..., :, None]  # [..., K, M]
+    huber = jnp.where(jnp.abs(u) <= kappa, 0.5 * u**2, kappa * (jnp.abs(u) - 0.5 * kappa))
+    weight = jnp.abs(taus[:, None] - (u < 0).astype(u.dtype))
+    return (weight * huber / kappa).mean(-1).sum(-1)
+
+
+def critic_values(q: jax.Array, config: AWACConfig) -> jax.Array:
+    """Q(s, a) in return units from the critics' outputs: h^-1 of the prediction under the value
+    transform, and the mean over quantiles for the quantile critic. [2, B] or [2, B, K] -> [2, B]."""
+    if config.transform_eps is not None:
+        q = inverse_value_transform(q, config.transform_eps)
+    return q.mean(-1) if config.critic == "quantile" else q
 
 
 def _optimizers(config: AWACConfig):
@@ -177,11 +255,12 @@ def update(state: AWACState, batch: Batch, key: jax.Array) -> tuple[AWACState, d
     next_key, pi_key = jax.random.split(key)
     batch_size = obs.shape[0]
 
-    # Target y = r + gamma (1 - done) min_j Q'_j(s', a'),  a' ~ pi(.|s').
+    # Target y = r + gamma (1 - done) min_j Q'_j(s', a'),  a' ~ pi(.|s') (per quantile for the quantile
+    # critic: the min over the twins is taken quantile by quantile).
     next_dist = networks.tanh_gmm(*actor.apply(state.actor_params, next_obs))
     next_actions = next_dist.sample(seed=next_key)
     next_q = critic.apply(state.target_critic_params, next_obs, next_actions).min(0)
-    target = batch.rewards + config.gamma * (1.0 - batch.terminals) * next_q
+    target = critic_target(batch.rewards, batch.terminals, next_q, config.gamma, config.transform_eps)
 
     # Actor forward over s, kept as a VJP: it gives log pi(a|s) (differentiated below, once the advantage
     # weights are known) and the baseline's action sample a_pi ~ pi(.|s) (not differentiated).
@@ -197,14 +276,17 @@ def update(state: AWACState, batch: Batch, key: jax.Array) -> tuple[AWACState, d
             critic_params,
             jnp.concatenate([obs, obs], 0),
             jnp.concatenate([actions, pi_actions], 0),
-        )  # [2, 2B]
-        loss = ((q_all[:, :batch_size] - target[None]) ** 2).mean(1).sum()
+        )  # [2, 2B] (or [2, 2B, K] quantiles)
+        if config.critic == "quantile":
+            loss = quantile_huber_loss(q_all[:, :batch_size], target[None]).mean(1).sum()
+        else:
+            loss = ((q_all[:, :batch_size] - target[None]) ** 2).mean(1).sum()
         return loss, q_all
 
     (critic_loss, q_all), critic_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
         state.critic_params
     )
-    q_min = jax.lax.stop_gradient(q_all.min(0))  # [2B]
+    q_min = jax.lax.stop_gradient(critic_values(q_all, config).min(0))  # [2B]
     advantage = q_min[:batch_size] - q_min[batch_size:]  # A(s,a) = Q(s,a) - E_pi[Q(s,.)] (1 sample)
     weights = jnp.minimum(jnp.exp(advantage / config.temperature), config.max_weight)
     actor_loss = -(log_prob * weights).mean()

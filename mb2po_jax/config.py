@@ -1,14 +1,16 @@
 """Run configuration: frozen dataclasses with the paper's defaults, and the one place that maps presets
 and per-task values onto them. The CLI maps flags onto these and does nothing else.
 
-Precedence, lowest first: dataclass defaults < per-task (h, lambda) from `experiments/configs/tasks.json`
-< preset < flags.
+Precedence, lowest first: dataclass defaults < per-task (h, lambda) from the table shipped in the package,
+`mb2po_jax/configs/tasks.json` (or --task_config) < preset < flags.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
+import pathlib
 import re
 from typing import Any, Mapping
 
@@ -95,12 +97,14 @@ DYNAMICS_FLAGS = {
 MB2PO_FLAGS = {
     "mb2po_iterations": "iterations", "imagined_steps": "imagined_steps",
     "updates_per_iteration": "updates_per_iteration", "num_slots": "num_slots", "omega": "omega",
-    "horizon": "horizon", "penalty_coef": "penalty_coef", "penalty": "penalty", "use_elites": "use_elites",
+    "horizon": "horizon", "penalty_coef": "penalty_coef", "penalty": "penalty",
+    "rollout_members": "rollout_members",
     "buffer_dtype": "buffer_dtype", "rollout_chunk_size": "chunk_size",
 }
 
-TASKS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "experiments", "configs", "tasks.json")
+# Package data (setup.py package_data), found with importlib.resources: an installed wheel reads the same table
+# as a source checkout.
+TASKS_RESOURCE = "configs/tasks.json"
 _KINDS = ("medium-expert", "medium-replay", "full-replay", "medium", "random", "expert")
 
 
@@ -118,20 +122,32 @@ def task_key(dataset: str | None) -> str | None:
     return f"{env}-{kind}" if env and kind else None
 
 
-def task_defaults(dataset: str | None, path: str | None = None) -> dict[str, Any]:
-    """Per-task (horizon, penalty_coef) for `dataset` from `path` (default TASKS_FILE); {} if none."""
-    if path is not None and not os.path.isfile(path):
-        raise ConfigError(f"{path}: per-task table (--task_config) not found")
-    path = path or TASKS_FILE
-    key = task_key(dataset)
-    if key is None or not os.path.exists(path):
-        return {}
+def _task_table(path: str | None) -> dict[str, Any]:
+    """The table at `path` (--task_config), else the one shipped in the package; ConfigError if unreadable."""
+    if path is None:
+        source = importlib.resources.files("mb2po_jax") / TASKS_RESOURCE
+        if not source.is_file():
+            raise ConfigError(f"{source}: the per-task table is missing from the installed mb2po_jax package "
+                              f"(reinstall it, or pass --task_config PATH)")
+    else:
+        source = pathlib.Path(path)
+        if not source.is_file():
+            raise ConfigError(f"{path}: per-task table (--task_config) not found")
     try:
-        with open(path) as f:
-            table = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the per-task table ({e})") from e
-    return dict(table.get(key, {}))
+        table = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{source}: cannot read the per-task table ({' '.join(str(e).split())})") from e
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: the per-task table is not a JSON object")
+    return table
+
+
+def task_defaults(dataset: str | None, path: str | None = None) -> dict[str, Any]:
+    """Per-task (horizon, penalty_coef) for `dataset` from the table at `path`, default the package's
+    `mb2po_jax/configs/tasks.json`; {} for a dataset the table has no row for."""
+    table = _task_table(path)
+    key = task_key(dataset)
+    return dict(table.get(key, {})) if key is not None else {}
 
 
 def make_config(preset: str, overrides: Mapping[str, Any] | None = None,

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import gymnasium as gym
 import numpy as np
 
+from mb2po_jax.data.envs import make_env
+
 _SEED_STRIDE = 1000
 
 
@@ -65,7 +67,7 @@ def evaluate(
     S, N = num_seeds, num_episodes
     # The passive env checker wraps every step in extra Python; the env ids are registered ones.
     envs = [
-        gym.make(env_id, max_episode_steps=max_episode_steps, disable_env_checker=True, **(env_kwargs or {}))
+        make_env(env_id, max_episode_steps=max_episode_steps, disable_env_checker=True, **(env_kwargs or {}))
         for _ in range(S * N)
     ]
     try:

@@ -44,7 +44,7 @@ from mb2po_jax.termination import TerminationFn
 @dataclasses.dataclass(frozen=True)
 class MB2POConfig:
     """Defaults are the paper's (section 5 and Algorithm 1); h and lambda are per task (MOPO's table,
-    `experiments/configs`), omega = 0.05 as the earlier version of the paper and MOPO (SPEC section 1)."""
+    `mb2po_jax/configs/tasks.json`), omega = 0.05 as the earlier version of the paper and MOPO (SPEC section 1)."""
 
     iterations: int = 500
     imagined_steps: int = 1_000_000  # per iteration: horizon * num_starts (rounded down to a multiple)
@@ -54,7 +54,7 @@ class MB2POConfig:
     horizon: int = 5
     penalty_coef: float = 1.0  # lambda
     penalty: str = "max_std"
-    use_elites: bool = True
+    rollout_members: str = "all"  # the paper draws from and penalises over all N members; "elites": MOPO
     buffer_dtype: str = "float32"
     chunk_size: int | None = None  # None: rollout.default_chunk_size() for the backend
 
@@ -82,7 +82,7 @@ class MB2POConfig:
 
     def rollout_config(self) -> ro.RolloutConfig:
         return ro.RolloutConfig(horizon=self.horizon, penalty_coef=self.penalty_coef, penalty=self.penalty,
-                                use_elites=self.use_elites, chunk_size=self.chunk_size)
+                                members=self.rollout_members, chunk_size=self.chunk_size)
 
     def buffer_config(self, obs_dim: int, act_dim: int) -> buf.BufferConfig:
         return buf.BufferConfig(obs_dim, act_dim, num_slots=self.num_slots, rows_per_slot=self.rows_per_slot,

@@ -42,24 +42,30 @@ class MLP(nn.Module):
 
 
 class Critic(nn.Module):
-    """Q(s, a) -> scalar. obs: [B, obs_dim], act: [B, act_dim] -> [B]."""
+    """Q(s, a). obs: [B, obs_dim], act: [B, act_dim] -> [B], or [B, num_outputs] when `num_outputs` is set
+    (a distributional critic's quantiles)."""
 
     hidden_dims: Sequence[int] = (256, 256, 256)
+    num_outputs: int | None = None
 
     @nn.compact
     def __call__(self, obs: jax.Array, act: jax.Array) -> jax.Array:
         x = MLP(self.hidden_dims)(jnp.concatenate([obs, act], axis=-1))
-        return nn.Dense(1, kernel_init=default_init(1.0))(x)[..., 0]
+        if self.num_outputs is None:
+            return nn.Dense(1, kernel_init=default_init(1.0))(x)[..., 0]
+        return nn.Dense(self.num_outputs, kernel_init=default_init(1.0))(x)
 
 
 class EnsembleCritic(nn.Module):
-    """`num_qs` independent critics with parameters stacked on a leading axis: -> [num_qs, B].
+    """`num_qs` independent critics with parameters stacked on a leading axis: -> [num_qs, B] (or
+    [num_qs, B, num_outputs]).
 
     Stacking (nn.vmap) runs the twin critics as one batched matmul per layer instead of two.
     """
 
     hidden_dims: Sequence[int] = (256, 256, 256)
     num_qs: int = 2
+    num_outputs: int | None = None
 
     @nn.compact
     def __call__(self, obs: jax.Array, act: jax.Array) -> jax.Array:
@@ -71,7 +77,7 @@ class EnsembleCritic(nn.Module):
             out_axes=0,
             axis_size=self.num_qs,
         )
-        return ensemble(self.hidden_dims)(obs, act)
+        return ensemble(self.hidden_dims, self.num_outputs)(obs, act)
 
 
 class GMMParams(nn.Module):

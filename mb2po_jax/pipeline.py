@@ -537,6 +537,7 @@ class Run:
             "dataset": self.dataset.name,
             "dataset_path": self.dataset.path,
             "env": self.env_id,
+            "env_id": self.env_id,  # the Gymnasium id evaluated in (D4RL data: v4; SPEC names it `env`)
             "num_seeds": cfg.num_seeds,
             "seed": cfg.seed,
             "preset": self.preset,

@@ -1,24 +1,24 @@
 """Imagined rollouts in the conservative model MDP (paper section 4.3, Algorithm 1, inner loops).
 
 From each start state the current policy acts for `horizon` steps; at every step every trajectory draws an
-ensemble member uniformly (among the elites by default), samples (s', r) from that member's Gaussian, and
+ensemble member uniformly (from all N members, as the paper's Algorithm 1; or from the elites), samples (s', r) from that member's Gaussian, and
 gets the penalised reward r~ = r - lambda * u(s, a). Trajectories stop at predicted termination: a
 trajectory that terminates at step k (1-based) yields exactly k valid rows, the k-th with terminal=1; later
 rows are computed (static shapes) but flagged `valid=False` and never reach a buffer.
 
-Uncertainty u(s, a), over the set M of members the rollout draws from (the elites when use_elites=True,
-else all members), sigma_i = predicted std over the obs_dim + 1 target dims [s' - s, r]:
+Uncertainty u(s, a), over the set M of members the rollout draws from (`members`: "all", the paper's, or
+"elites", MOPO's), sigma_i = predicted std over the obs_dim + 1 target dims [s' - s, r]:
 - "max_std" (default; the paper's max_i ||Sigma_i(s, a)||_F as SPEC reads it, "largest predicted standard
   deviation"): u = max_{i in M} ||sigma_i||_2.
-- "max_aleatoric" (MOPO's `penalty_learned_var=True`, exactly): the same norm, but the max runs over ALL
-  members, elites or not (MOPO predicts with all 7 networks and samples only from the elites). Costs the
+- "max_aleatoric" (MOPO's `penalty_learned_var=True`, exactly, with members="elites"): the same norm, but
+  the max runs over ALL members, elites or not (MOPO predicts with all 7 networks and samples only from the elites). Costs the
   forward pass of the non-elite members too.
 - "ensemble_disagreement" (MOPO's `penalty_learned_var=False`): u = max_{i in M} ||mu_i^obs - mean_j
   mu_j^obs||_2 over the next-observation dims only, the distance of each member's mean next state from the
   ensemble average.
 
 Speed (SPEC section 4: ~2 MFLOP per imagined step, the matmuls are the floor): every step evaluates only
-the members in M (5 elites of 7 by default: 1.55 MFLOP per step with a 3 x 256 policy) on the shared
+the members in M (5 by default: 1.55 MFLOP per step with a 3 x 256 policy) on the shared
 [C, in] inputs; all of M's outputs are needed anyway for the penalty, so the drawn member's mean/variance
 are picked from the small feature-major [|M|, obs_dim + 1, C] output (a sum of |M| selects), and only the
 drawn member's Gaussian is sampled. Start states are processed in chunks (`lax.map` over chunks,
@@ -51,6 +51,7 @@ from mb2po_jax.termination import TerminationFn
 PolicyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, key, obs [B,o]) -> act [B,a]
 
 PENALTIES = ("max_std", "max_aleatoric", "ensemble_disagreement")
+MEMBER_SETS = ("all", "elites")  # whom a rollout draws from and penalises over
 
 
 class RolloutBatch(struct.PyTreeNode):
@@ -76,7 +77,7 @@ class RolloutConfig:
     horizon: int = 5
     penalty_coef: float = 1.0
     penalty: str = "max_std"
-    use_elites: bool = True
+    members: str = "all"  # "all" (the paper) or "elites" (MOPO)
     # Max trajectories per chunk (None: by backend, see `default_chunk_size`). Bounds activation memory
     # (|M| x chunk x 200 floats per layer) and sets the matmul shapes.
     chunk_size: int | None = None
@@ -87,6 +88,8 @@ class RolloutConfig:
     def __post_init__(self):
         if self.penalty not in PENALTIES:
             raise ConfigError(f"rollout: penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        if self.members not in MEMBER_SETS:
+            raise ConfigError(f"--rollout_members must be one of {', '.join(MEMBER_SETS)}, got {self.members!r}")
         if self.horizon < 1 or (self.chunk_size is not None and self.chunk_size < 1):
             raise ConfigError(
                 f"rollout: horizon and chunk_size must be >= 1, got {self.horizon}, {self.chunk_size}"
@@ -119,7 +122,7 @@ def sample_start_states(key: jax.Array, observations: jax.Array, num_starts: int
 def _member_sets(dyn_state: dyn.DynamicsState, config: RolloutConfig):
     """(members evaluated F [|F|] int32, positions within F that trajectories draw from [|M|] int32)."""
     e = dyn_state.config.num_members
-    if not config.use_elites:
+    if config.members == "all":
         everyone = jnp.arange(e, dtype=jnp.int32)
         return everyone, everyone
     if config.penalty == "max_aleatoric":

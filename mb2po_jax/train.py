@@ -52,12 +52,19 @@ flags.DEFINE_integer("num_components", None, "Mixture components of the tanh-GMM
 flags.DEFINE_list("actor_hidden_dims", None, "Actor hidden layer widths, e.g. 256,256,256.")
 flags.DEFINE_list("critic_hidden_dims", None, "Critic hidden layer widths, e.g. 256,256,256.")
 flags.DEFINE_boolean("normalize_observations", None, "Standardise observations with dataset stats.")
+flags.DEFINE_enum("critic", None, ["twin", "quantile"], "Twin critics (clipped double-Q), or twin "
+                  "distributional critics of --num_quantiles quantiles (quantile Huber loss).")
+flags.DEFINE_integer("num_quantiles", None, "Quantiles per critic with --critic=quantile (default 32).")
+flags.DEFINE_boolean("value_transform", None, "Critics predict h(Q), h(x) = sign(x)(sqrt(|x|+1)-1) + eps x "
+                     "(Pohlen et al.), with targets h(r + gamma h^-1(Q')).")
+flags.DEFINE_float("value_transform_eps", None, "The eps of the value transform (default 0.01).")
 # Dynamics ensemble (defaults in DynamicsConfig: MBPO/MOPO's).
 flags.DEFINE_integer("dynamics_steps", None, "Ensemble gradient-step budget (paper: 100000).")
 flags.DEFINE_boolean("dynamics_early_stopping", None, "Stop when no member's holdout MSE improved for "
                      "--max_epochs_since_improvement epochs (MBPO); off: train the whole budget.")
-flags.DEFINE_integer("num_members", None, "Ensemble members (default 7; the paper used 5).")
-flags.DEFINE_integer("num_elites", None, "Members rollouts draw from, best by holdout MSE (default 5).")
+flags.DEFINE_integer("num_members", None, "Ensemble members N (default 5, the paper's; MOPO: 7).")
+flags.DEFINE_integer("num_elites", None, "Members with the lowest holdout MSE, used by rollouts with "
+                     "--rollout_members=elites (default 5).")
 flags.DEFINE_list("dynamics_hidden_dims", None, "Member hidden widths (default 200,200,200,200).")
 flags.DEFINE_list("dynamics_weight_decay", None, "L2 coefficient per member layer (hidden layers + 1).")
 flags.DEFINE_float("dynamics_lr", None, "Ensemble Adam learning rate.")
@@ -65,7 +72,7 @@ flags.DEFINE_integer("dynamics_batch_size", None, "Minibatch per member.")
 flags.DEFINE_float("holdout_fraction", None, "Fraction of D_beta held out for early stopping/elites.")
 flags.DEFINE_integer("max_holdout", None, "Cap on holdout rows.")
 flags.DEFINE_integer("max_epochs_since_improvement", None, "Early-stopping patience in epochs.")
-# MB2PO (defaults in MB2POConfig; horizon and penalty_coef per task from experiments/configs/tasks.json).
+# MB2PO (defaults in MB2POConfig; horizon and penalty_coef per task from mb2po_jax/configs/tasks.json).
 flags.DEFINE_integer("mb2po_iterations", None, "MB2PO iterations (paper: 500).")
 flags.DEFINE_integer("imagined_steps", None, "Imagined steps per iteration (paper: 1000000).")
 flags.DEFINE_integer("updates_per_iteration", None, "AWAC updates per iteration (paper: 1000).")
@@ -75,7 +82,8 @@ flags.DEFINE_integer("horizon", None, "Rollout horizon h (default: per task, MOP
 flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table).")
 flags.DEFINE_enum("penalty", None, ["max_std", "max_aleatoric", "ensemble_disagreement"],
                   "Uncertainty u(s,a): the paper's max_std, or MOPO's variants.")
-flags.DEFINE_boolean("use_elites", None, "Draw rollout members from the elites only.")
+flags.DEFINE_enum("rollout_members", None, ["all", "elites"], "Members a rollout draws its model from "
+                  "and takes the penalty's max over: all N (default, the paper's) or the elites (MOPO's).")
 flags.DEFINE_enum("buffer_dtype", None, ["float32", "bfloat16"], "Storage dtype of the model ring.")
 flags.DEFINE_integer("rollout_chunk_size", None, "Trajectories per rollout chunk (default: by backend).")
 flags.DEFINE_integer("mb2po_eval_every", None, "Evaluate every this many MB2PO iterations.")
@@ -92,17 +100,20 @@ flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_proc
 flags.DEFINE_boolean("distributed", False, "Initialise jax.distributed, detecting values not given by "
                      "flags from the cluster environment (SLURM, Open MPI, Cloud TPU, Kubernetes).")
 flags.DEFINE_string("task_config", None, "JSON table of per-task horizon/penalty_coef "
-                    "(default: experiments/configs/tasks.json).")
+                    "(default: the package's mb2po_jax/configs/tasks.json).")
+flags.DEFINE_boolean("print_config", False, "Print the resolved configuration (preset + task table + flags), "
+                     "the dataset and the env id it is evaluated in as JSON, and exit: no data loaded.")
 
 
 def _overrides() -> dict:
     names = ["num_seeds", "awac_steps", "steps_per_call", "eval_every", "eval_episodes",
              "max_episode_steps", "checkpoint_every", "batch_size", "actor_lr", "critic_lr", "gamma",
              "tau", "temperature", "max_weight", "num_components", "normalize_observations",
+             "critic", "num_quantiles", "value_transform", "value_transform_eps",
              "dynamics_steps", "dynamics_early_stopping", "num_members", "num_elites", "dynamics_lr",
              "dynamics_batch_size", "holdout_fraction", "max_holdout", "max_epochs_since_improvement",
              "mb2po_iterations", "imagined_steps", "updates_per_iteration", "num_slots", "omega", "horizon",
-             "penalty_coef", "penalty", "use_elites", "buffer_dtype", "rollout_chunk_size",
+             "penalty_coef", "penalty", "rollout_members", "buffer_dtype", "rollout_chunk_size",
              "mb2po_eval_every", "mb2po_checkpoint_every"]
     values = {name: getattr(FLAGS, name) for name in names}
     for name in ("actor_hidden_dims", "critic_hidden_dims", "dynamics_hidden_dims"):
@@ -113,6 +124,15 @@ def _overrides() -> dict:
     values["seed"] = FLAGS.seed
     values["stages"] = tuple(FLAGS.stages)
     return values
+
+
+def _print_config(dataset: str, task: dict, config: config_lib.RunConfig) -> int:
+    from mb2po_jax.data.loader import dataset_env_id
+
+    env_id = dataset_env_id(dataset, FLAGS.env)
+    print(json.dumps({"dataset": dataset, "env": env_id, "env_id": env_id, "preset": FLAGS.preset,
+                      "task": task, "config": config_lib.to_dict(config)}, indent=2))
+    return 0
 
 
 def main(argv):
@@ -129,6 +149,8 @@ def main(argv):
 
         task = config_lib.task_defaults(dataset_name or DEFAULT_DATASET, FLAGS.task_config)
         config = config_lib.make_config(FLAGS.preset, _overrides(), task)
+        if FLAGS.print_config:  # before any JAX device is set up or touched
+            return _print_config(dataset_name or DEFAULT_DATASET, task, config)
         several_processes = bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed)
         cpu_devices = FLAGS.cpu_devices
         if cpu_devices is None:

@@ -367,3 +367,90 @@ def test_awac_beats_behaviour_cloning_on_mixed_data(pendulum_references):
     gap = awac_returns.mean() - bc_returns.mean()
     assert gap > 0.4 * (controller - random), (awac_returns, bc_returns, controller, random)
     assert awac_returns.min() > bc_returns.max(), (awac_returns, bc_returns)
+
+
+# --- The critic options of the paper's section 2.1: quantile regression and the value transform. ---
+
+
+def test_value_transform_round_trips_over_a_wide_range():
+    x = np.concatenate([-np.logspace(5, -4, 200), [0.0], np.logspace(-4, 5, 200)]).astype(np.float32)
+    for eps in (1e-2, 1e-3):
+        h = awac.value_transform(jnp.asarray(x), eps)
+        x64 = x.astype(np.float64)
+        textbook = np.sign(x64) * (np.sqrt(np.abs(x64) + 1.0) - 1.0) + eps * x64
+        np.testing.assert_allclose(np.asarray(h), textbook, rtol=1e-6)
+        back = np.asarray(awac.inverse_value_transform(h, eps))
+        np.testing.assert_allclose(back, x, rtol=2e-6, atol=0)
+        assert np.all(np.diff(np.asarray(h)) > 0)  # monotone, so it maps quantiles to quantiles
+        assert abs(float(h[-1])) < 0.05 * abs(float(x[-1]))  # and it compresses large returns
+
+
+def test_critic_target_under_the_transform_is_h_of_the_backup():
+    eps = 1e-2
+    r, d, q_raw = jnp.array([1.0, -2.0, 3.0]), jnp.array([0.0, 0.0, 1.0]), jnp.array([50.0, -10.0, 7.0])
+    y = awac.critic_target(r, d, awac.value_transform(q_raw, eps), 0.99, eps)
+    np.testing.assert_allclose(np.asarray(awac.inverse_value_transform(y, eps)),
+                               np.asarray(r + 0.99 * (1 - d) * q_raw), rtol=1e-5)
+
+
+def test_quantile_critic_learns_the_quantiles_of_a_fixed_target_distribution():
+    """Rewards ~ Exponential(scale 10) at a terminal state: the critic's K quantiles must reach the
+    distribution's quantiles -10 ln(1 - tau_k) (within the bias of the Huber loss's kappa = 1)."""
+    k = 8
+    cfg = awac.AWACConfig(actor_hidden_dims=(32,), critic_hidden_dims=(64, 64), batch_size=256,
+                          critic="quantile", num_quantiles=k, critic_lr=1e-2)
+    n = 4096
+    rewards = np.random.default_rng(0).exponential(10.0, size=n)
+    data = awac.Batch.from_mapping(dict(
+        observations=np.ones((n, 2)), actions=np.full((n, 1), 0.5), rewards=rewards,
+        next_observations=np.ones((n, 2)), terminals=np.ones(n)))
+    state = awac.init_seeds(jax.random.split(jax.random.PRNGKey(0), 1), 2, 1, cfg)
+    state, metrics = awac.make_train_steps(3000)(state, data)
+    params = jax.tree.map(lambda x: x[0], state.critic_params)
+    quantiles = np.asarray(awac._critic(cfg).apply(params, jnp.ones((1, 2)), jnp.full((1, 1), 0.5)))[:, 0]
+    taus = (np.arange(k) + 0.5) / k
+    for twin in quantiles:
+        np.testing.assert_allclose(twin, -10.0 * np.log(1.0 - taus), rtol=0.08, atol=0.8)
+    np.testing.assert_allclose(float(metrics["q_data"][0]), rewards.mean(), rtol=0.1)  # the actor's value
+
+
+def test_twin_critic_numbers_are_unchanged_by_the_critic_options():
+    """10 fused updates of the default (twin) critic give the numbers the code gave before the quantile
+    critic and the value transform were added (recorded from commit a6c758c on the Intel dev CPU)."""
+    cfg = awac.AWACConfig(actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=64)
+    rng = np.random.default_rng(0)
+    n = 512
+    data = awac.Batch.from_mapping(dict(
+        observations=rng.normal(size=(n, 3)), actions=np.tanh(rng.normal(size=(n, 2))),
+        rewards=rng.normal(size=n), next_observations=rng.normal(size=(n, 3)),
+        terminals=(rng.random(n) < 0.1).astype(np.float32)))
+    state = awac.init_seeds(jax.random.split(jax.random.PRNGKey(0), 1), 3, 2, cfg)
+    state, metrics = awac.make_train_steps(10)(state, data)
+    recorded = {"actor_loss": 1.313844919204712, "critic_loss": 2.3977017402648926,
+                "q_data": -0.13063453137874603, "advantage": -0.008011867292225361}
+    for name, value in recorded.items():
+        np.testing.assert_allclose(float(metrics[name][0]), value, rtol=1e-4, atol=1e-6, err_msg=name)
+    critic_sum = float(sum(jnp.sum(x) for x in jax.tree.leaves(state.critic_params)))
+    np.testing.assert_allclose(critic_sum, -21.39212417602539, rtol=1e-4)
+
+
+@pytest.mark.parametrize("critic, transform", [("twin", True), ("quantile", False), ("quantile", True)])
+def test_every_critic_option_trains_to_finite_numbers_per_seed(critic, transform):
+    cfg = awac.AWACConfig(actor_hidden_dims=(16,), critic_hidden_dims=(16,), batch_size=32, critic=critic,
+                          num_quantiles=4, value_transform=transform)
+    rng = np.random.default_rng(1)
+    n = 128
+    data = awac.Batch.from_mapping(dict(
+        observations=rng.normal(size=(n, 3)), actions=np.tanh(rng.normal(size=(n, 2))),
+        rewards=100 * rng.normal(size=n), next_observations=rng.normal(size=(n, 3)), terminals=np.zeros(n)))
+    state = awac.init_seeds(jax.random.split(jax.random.PRNGKey(0), 2), 3, 2, cfg)
+    state, metrics = awac.make_train_steps(20)(state, data)
+    assert all(np.isfinite(np.asarray(v)).all() and v.shape == (2,) for v in metrics.values())
+    assert not np.allclose(metrics["critic_loss"][0], metrics["critic_loss"][1])  # seeds differ
+
+
+def test_critic_options_are_validated():
+    with pytest.raises(awac.ConfigError, match="--critic"):
+        awac.AWACConfig(critic="triple")
+    with pytest.raises(awac.ConfigError, match="--num_quantiles"):
+        awac.AWACConfig(num_quantiles=0)

@@ -76,6 +76,17 @@ def test_info_json(good_file, capsys):
     assert info["valid"] is True and info["validation_error"] is None
 
 
+def test_info_json_names_the_env_the_data_came_from(tmp_path, capsys):
+    os.makedirs(tmp_path / "d4rl")
+    write_d4rl_hdf5(str(tmp_path / "d4rl" / "hopper_medium_replay-v2.hdf5"), hopper_arrays())
+    for argv, env_id in ((["hopper-medium-replay-v2"], "Hopper-v4"),  # D4RL: gym v3's models, kept by v4
+                         ([str(tmp_path / "d4rl" / "hopper_medium_replay-v2.hdf5")], "Hopper-v4"),
+                         (["hopper-medium-replay-v2", "--env", "Hopper-v5"], "Hopper-v5")):
+        assert run(["info", *argv, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["env_id"] == info["env"] == env_id
+
+
 def test_info_reports_a_failed_validation(tmp_path, capsys):
     raw = hopper_arrays()
     raw["actions"][2, 1] = 4.0
@@ -118,6 +129,21 @@ def test_generate_random_then_use_it_by_name(tmp_path, capsys):
     assert load_dataset(out_path).env_id == "Walker2d-v5"
 
 
+def test_random_and_uniform_are_separate_local_datasets(tmp_path, capsys):
+    for kind in ("random", "uniform"):
+        assert run(["generate", "--env", "hopper", "--kind", kind, "--size", "1000"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == [
+        "hopper_random-local.hdf5", "hopper_uniform-local.hdf5"]
+    random, uniform = (load_dataset(f"hopper-{kind}-local") for kind in ("random", "uniform"))
+    assert random.metadata["algorithm"] == "sac_init" and uniform.metadata["algorithm"] == "uniform_random"
+    # The initial SAC policy's actions are not uniform: ~42 % against 50 % in |a| < 0.5 (SE ~1 %).
+    assert np.mean(np.abs(uniform.transitions.actions) < 0.5) > 0.46
+    assert np.mean(np.abs(random.transitions.actions) < 0.5) < 0.46
+    assert run(["info", "hopper-uniform-local", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metadata"]["kind"] == "uniform"
+
+
 def test_generate_sac_kind_without_assets_is_a_clean_error(tmp_path, capsys):
     out_path = tmp_path / "medium.hdf5"
     assert run(["generate", "--env", "hopper", "--kind", "medium", "--size", "10", "--out", str(out_path)]) == 1
@@ -131,7 +157,7 @@ def test_help_lists_every_kind_and_the_behavior_commands(capsys):
     with pytest.raises(SystemExit) as e:
         run(["generate", "--help"])
     assert e.value.code == 0
-    assert "{random,medium,medium-replay,expert,medium-expert}" in capsys.readouterr().out
+    assert "{random,uniform,medium,medium-replay,expert,medium-expert}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run(["--help"])
     out = capsys.readouterr().out

@@ -1,5 +1,6 @@
 """D4RL-layout files: exact round trips, episode boundaries, dtype conversion, and every kind of bad file."""
 
+import json
 import os
 
 import h5py
@@ -15,6 +16,7 @@ from mb2po_jax.data import (
     write_d4rl_hdf5,
 )
 from mb2po_jax.data import d4rl, registry
+from mb2po_jax.data.loader import dataset_env_id
 from mb2po_jax.errors import DataError
 
 
@@ -183,7 +185,7 @@ def test_d4rl_name_loads_the_cached_file(tmp_path):
     os.makedirs(tmp_path / "d4rl")
     write_d4rl_hdf5(str(tmp_path / "d4rl" / "hopper_mixed.hdf5"), hopper_arrays())
     ds = load_dataset("hopper-mixed-v0")
-    assert ds.name == "hopper-mixed-v0" and ds.env_id == "Hopper-v5"
+    assert ds.name == "hopper-mixed-v0" and ds.env_id == "Hopper-v4"  # D4RL collected in gym's v3 models
     assert ds.path == str(tmp_path / "d4rl" / "hopper_mixed.hdf5")
     assert load_dataset("hopper-mixed-v0", "Hopper-v4").env_id == "Hopper-v4"
 
@@ -361,3 +363,68 @@ def test_environment_from_metadata_and_validate_false(tmp_path):
     expect_data_error(path, r"out of Hopper-v5's bounds at row 0")
     ds = load_dataset(path, validate=False)  # value checks skipped, structure still checked
     assert ds.env_id == "Hopper-v5" and ds.transitions.actions[0, 0] == 5.0
+
+
+# ------------------------------------------------------------------------------------ the environment data came from
+
+def right_foot_friction(env_id: str) -> float:
+    """Sliding friction of Walker2d's right foot in the MuJoCo model `env_id` runs: 0.9 in gym's v3 model (which
+    D4RL collected in, and Gymnasium's v4 keeps), 1.9 in Gymnasium's v5 (which our generator collects in)."""
+    import mujoco
+
+    from mb2po_jax.data.envs import make_env
+
+    env = make_env(env_id)
+    try:
+        model = env.unwrapped.model
+        return float(model.geom_friction[mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "foot_geom"), 0])
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("name", ["walker2d-medium-replay-v2", "walker2d-mixed-v0", "walker_mixed",
+                                  "/data/walker2d_medium_replay-v2.hdf5", "/data/walker_mixed.hdf5"])
+def test_d4rl_names_resolve_to_the_model_d4rl_collected_in(name):
+    assert right_foot_friction(dataset_env_id(name)) == pytest.approx(0.9)
+
+
+def test_each_source_meets_the_model_its_data_came_from(tmp_path):
+    from mb2po_jax.data import generation
+
+    os.makedirs(tmp_path / "d4rl")
+    raw = {k: np.zeros((20, 17), np.float32) if k.endswith("observations") else v
+           for k, v in hopper_arrays((12, 8)).items()}
+    raw["actions"] = np.zeros((20, 6), np.float32)
+    write_d4rl_hdf5(str(tmp_path / "d4rl" / "walker2d_medium_replay-v2.hdf5"), raw)
+    d4rl_data = load_dataset("walker2d-medium-replay-v2")
+    assert right_foot_friction(d4rl_data.env_id) == pytest.approx(0.9)
+    assert right_foot_friction(load_dataset("walker2d-medium-replay-v2", "Walker2d-v5").env_id) == pytest.approx(1.9)
+
+    generation.generate("walker2d", "random", size=30)  # our own data: collected in v5
+    local = load_dataset("walker2d-random-local")
+    assert right_foot_friction(local.env_id) == pytest.approx(1.9)
+    assert dataset_env_id("walker2d-random-local") == local.env_id
+
+    # Minari: the env spec its metadata records, else (none recorded) v5, as Minari's MuJoCo data was made in.
+    assert right_foot_friction(dataset_env_id("mujoco/walker2d/medium-v0")) == pytest.approx(1.9)
+    data_dir = tmp_path / "minari" / "test" / "walker2d" / "old-v0" / "data"
+    os.makedirs(data_dir)
+    (data_dir / "metadata.json").write_text(json.dumps({"env_spec": json.dumps({"id": "Walker2d-v4"})}))
+    assert right_foot_friction(dataset_env_id("test/walker2d/old-v0")) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("env_id,obs_dim,act_dim", [("Hopper-v4", 11, 3), ("Walker2d-v4", 17, 6),
+                                                    ("HalfCheetah-v4", 17, 6)])
+def test_v4_environments_make_and_step_quietly(env_id, obs_dim, act_dim):
+    import warnings
+
+    from mb2po_jax.data.envs import make_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Gymnasium's "v4 is out of date" is expected and dropped, nothing else
+        env = make_env(env_id)
+    obs, _ = env.reset(seed=0)
+    for _ in range(5):
+        obs, reward, terminated, truncated, _ = env.step(np.full(act_dim, 0.1, np.float32))
+    env.close()
+    assert obs.shape == (obs_dim,) and np.isfinite(obs).all() and np.isfinite(reward)

@@ -14,19 +14,60 @@ from mb2po_jax.errors import DataError
 pytestmark = pytest.mark.usefixtures("data_dirs", "no_behavior_assets")
 
 
-def test_same_seed_gives_byte_identical_files(tmp_path):
+@pytest.mark.parametrize("generate", [generation.generate_random, generation.generate_uniform])
+def test_same_seed_gives_byte_identical_files(tmp_path, generate):
     paths = [str(tmp_path / f"run{i}.hdf5") for i in range(3)]
-    generation.generate_random("Hopper-v5", 300, 7, paths[0])
-    generation.generate_random("hopper", 300, 7, paths[1])
-    generation.generate_random("Hopper-v5", 300, 8, paths[2])
+    generate("Hopper-v5", 300, 7, paths[0])
+    generate("hopper", 300, 7, paths[1])
+    generate("Hopper-v5", 300, 8, paths[2])
     data = [open(p, "rb").read() for p in paths]
     assert data[0] == data[1]
     assert data[0] != data[2]
 
 
+def test_random_is_the_initial_sac_policy_and_uniform_is_uniform(tmp_path):
+    """D4RL's random data comes from a randomly initialised SAC policy, not from uniform actions."""
+    from mb2po_jax import sac
+    from mb2po_jax.data import behavior
+
+    n = 3000  # x 3 action dims
+    generation.generate_random("Hopper-v5", n, 0, str(tmp_path / "random.hdf5"))
+    generation.generate_uniform("Hopper-v5", n, 0, str(tmp_path / "uniform.hdf5"))
+    rand, unif = (read_d4rl_hdf5(str(tmp_path / f"{k}.hdf5")) for k in ("random", "uniform"))
+    # The fresh actor's tanh(~N(0, 1)) puts ~42 % of the actions in |a| < 0.5, uniform 50 % (SE ~0.5 %).
+    assert abs(np.mean(np.abs(unif["actions"]) < 0.5) - 0.5) < 0.02
+    assert np.mean(np.abs(rand["actions"]) < 0.5) < 0.46
+    assert np.all(np.abs(rand["actions"]) < 1.0)
+    # Each recorded log-probability is the initial actor's log pi(a|s) of that row.
+    params = behavior.initial_actor("Hopper-v5", 0)
+    inner = np.all(np.abs(rand["actions"]) < 0.99, axis=1)  # atanh of float32 actions is exact enough there
+    log_pi = np.asarray(sac.policy(params, rand["observations"][inner]).log_prob(rand["actions"][inner]))
+    assert np.allclose(log_pi, rand["infos/action_log_probs"][inner], atol=1e-3)
+    assert np.std(rand["infos/action_log_probs"]) > 0.1
+    assert rand["metadata/kind"] == "random" and rand["metadata/algorithm"] == "sac_init"
+    assert unif["metadata/kind"] == "uniform" and unif["metadata/algorithm"] == "uniform_random"
+    # Both hopper datasets are D4RL-valid (random hopper falls within ~20 steps either way).
+    for kind in ("random", "uniform"):
+        ds = load_dataset(str(tmp_path / f"{kind}.hdf5"))
+        assert ds.num_transitions == n and 50 <= ds.num_episodes <= 300
+
+
+def test_a_stale_uniform_random_file_is_refused_by_name(tmp_path):
+    """`random` files made before random became the initial SAC policy must not be reused silently."""
+    local = registry.local_name_for("hopper", "random")
+    generation.generate_uniform("Hopper-v5", 100, 0, local.path)
+    with h5py.File(local.path, "r+") as f:  # what the old recipe wrote
+        f["metadata"].attrs["kind"] = "random"
+    with pytest.raises(DataError, match="older recipe .*uniform_random.*generate --env hopper --kind random"):
+        load_dataset("hopper-random-local")
+    assert load_dataset(local.path).num_transitions == 100  # by path it is just a file
+    generation.generate("hopper", "random", size=100)
+    assert load_dataset("hopper-random-local").metadata["algorithm"] == "sac_init"
+
+
 def test_hopper_flags_match_what_the_environment_did(tmp_path):
     path = str(tmp_path / "hopper.hdf5")
-    generation.generate_random("Hopper-v5", 400, 0, path)
+    generation.generate_uniform("Hopper-v5", 400, 0, path)
     raw = read_d4rl_hdf5(path)
     obs, next_obs = raw["observations"], raw["next_observations"]
     terminals, timeouts = raw["terminals"], raw["timeouts"]
@@ -43,7 +84,7 @@ def test_hopper_flags_match_what_the_environment_did(tmp_path):
     assert np.allclose(raw["infos/qvel"], obs[:, 5:], atol=1e-5)
     assert np.all(np.abs(raw["actions"]) <= 1.0)
     assert np.allclose(raw["infos/action_log_probs"], -3 * np.log(2.0))
-    assert raw["metadata/env_id"] == "Hopper-v5" and raw["metadata/kind"] == "random"
+    assert raw["metadata/env_id"] == "Hopper-v5" and raw["metadata/kind"] == "uniform"
     assert raw["metadata/seed"] == 0 and raw["metadata/algorithm"] == "uniform_random"
 
 
@@ -61,8 +102,9 @@ def test_time_limit_gives_timeouts_not_terminals(tmp_path):
 
 def test_every_kind_has_a_generator_and_a_d4rl_size():
     assert list(generation.GENERATORS) == list(registry.LOCAL_KINDS)
-    assert generation.DEFAULT_SIZES == {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000,
-                                        "medium-expert": 2_000_000}  # medium-replay: the run's own
+    assert generation.DEFAULT_SIZES == {"random": 1_000_000, "uniform": 1_000_000, "medium": 1_000_000,
+                                        "expert": 1_000_000, "medium-expert": 2_000_000}  # medium-replay: the run's own
+    assert set(generation.RECIPES) == set(registry.LOCAL_KINDS)
 
 
 def test_sac_kinds_without_assets_say_where_they_looked(tmp_path):

@@ -19,7 +19,7 @@ TINY = ["--actor_hidden_dims=32,32", "--critic_hidden_dims=32,32", "--batch_size
         "--eval_episodes=1", "--max_episode_steps=30"]
 
 
-def _write_hopper_file(path, n=600, seed=0):
+def _write_hopper_file(path, n=600, seed=0, env_id="Hopper-v5"):
     rng = np.random.default_rng(seed)
     obs = rng.normal(size=(n, 11)).astype(np.float32)
     obs[:, 0] += 1.25  # a plausible hopper height
@@ -33,7 +33,7 @@ def _write_hopper_file(path, n=600, seed=0):
         "next_observations": (obs + 0.01 * rng.normal(size=obs.shape)).astype(np.float32),
         "terminals": terminals,
         "timeouts": timeouts,
-    }, {"env_id": "Hopper-v5"})
+    }, {"env_id": env_id} if env_id else None)
     return str(path)
 
 
@@ -51,7 +51,8 @@ def _final_state(workdir, cfg, dataset_path):
 
 
 def test_cli_writes_documented_outputs(tmp_path):
-    data = _write_hopper_file(tmp_path / "tiny.hdf5")
+    # Named as D4RL caches its files, and without metadata: evaluated in Hopper-v4 (D4RL's gym v3 model).
+    data = _write_hopper_file(tmp_path / "hopper_medium_replay-v2.hdf5", env_id=None)
     workdir = tmp_path / "run"
     out = _train(["--dataset", data, "--workdir", str(workdir), "--preset=smoke", "--awac_steps=20",
                   "--steps_per_call=10", "--eval_every=10", "--checkpoint_every=10", "--num_seeds=2",
@@ -63,12 +64,52 @@ def test_cli_writes_documented_outputs(tmp_path):
     assert [r["step"] for r in evals] == [10, 20]
     assert all(len(r["return"]) == 2 and len(r["normalized_score"]) == 2 for r in evals)
     results = json.loads((workdir / "results.json").read_text())
-    assert results["num_seeds"] == 2 and results["env"] == "Hopper-v5"
+    assert results["num_seeds"] == 2 and results["env"] == results["env_id"] == "Hopper-v4"
     assert set(results["final"]["awac"]) >= {"return", "normalized_score"}
     assert len(results["final"]["awac"]["return"]) == 2
     assert results["final"]["awac"]["return"] == evals[-1]["return"]
     assert list((workdir / "tensorboard").iterdir()), "no TensorBoard event file"
     assert json.loads(out.stdout.strip().splitlines()[-1])["final"]["awac"]["return"]
+
+
+def test_print_config_shows_the_resolved_configuration_and_loads_nothing(tmp_path):
+    # No dataset file anywhere, and no JAX backend that could start: printing must need neither.
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "D4RL_DATASET_DIR": str(tmp_path / "d4rl"),
+           "JAX_PLATFORMS": "no_such_backend"}
+    out = _train(["--preset", "paper", "--dataset", "hopper-medium-replay-v2", "--print_config"],
+                 cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert (printed["dataset"], printed["env_id"], printed["preset"]) == (
+        "hopper-medium-replay-v2", "Hopper-v4", "paper")
+    cfg = printed["config"]
+    assert (cfg["awac_steps"], cfg["dynamics_steps"]) == (500_000, 100_000)
+    assert {k: cfg["mb2po"][k] for k in ("iterations", "imagined_steps", "updates_per_iteration", "num_slots")} \
+        == {"iterations": 500, "imagined_steps": 1_000_000, "updates_per_iteration": 1000, "num_slots": 100}
+    assert (cfg["awac"]["num_components"], cfg["awac"]["max_weight"]) == (5, 20)
+    assert printed["task"] == {"horizon": 5, "penalty_coef": 1.0}  # MOPO's hopper-mixed row, applied
+    assert (cfg["mb2po"]["horizon"], cfg["mb2po"]["penalty_coef"]) == (5, 1.0)
+    assert (cfg["dynamics"]["num_members"], cfg["mb2po"]["rollout_members"]) == (5, "all")  # the paper's N
+    assert not list(tmp_path.glob("workdirs"))
+
+    # MOPO's ensemble is one absl flag file away.
+    mopo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs",
+                        "mopo.flags")
+    out = _train([f"--flagfile={mopo}", "--print_config"], cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads(out.stdout)["config"]
+    assert (cfg["dynamics"]["num_members"], cfg["dynamics"]["num_elites"], cfg["mb2po"]["rollout_members"],
+            cfg["mb2po"]["penalty"]) == (7, 5, "elites", "max_aleatoric")
+
+    # Precedence: flags over the --task_config table's row.
+    table = tmp_path / "tasks.json"
+    table.write_text(json.dumps({"walker2d-medium-expert": {"horizon": 7, "penalty_coef": 0.25}}))
+    out = _train(["--dataset", "walker2d-medium-expert-v2", "--task_config", str(table), "--horizon", "3",
+                  "--print_config"], cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert printed["env_id"] == "Walker2d-v4" and printed["preset"] == "smoke"
+    assert (printed["config"]["mb2po"]["horizon"], printed["config"]["mb2po"]["penalty_coef"]) == (3, 0.25)
 
 
 def test_sigterm_then_rerun_equals_uninterrupted(tmp_path):

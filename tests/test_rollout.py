@@ -54,23 +54,25 @@ MEANS = np.array([[0.1, -0.2, 1.0], [0.9, 0.9, 1.0], [-0.3, 0.4, 1.0], [0.0, 0.0
 ELITES = [2, 0, 3]  # member 1 (largest std, farthest mean) is not an elite
 
 
+@pytest.mark.parametrize("members", ["elites", "all"])
 @pytest.mark.parametrize("penalty", ["max_std", "max_aleatoric", "ensemble_disagreement"])
-def test_penalty_equals_hand_computed_value(penalty):
+def test_penalty_equals_hand_computed_value(penalty, members):
     raw = RAW.copy()
     raw[:, OBS] = -200.0  # reward variance at the floor: the drawn reward is its mean (1.0)
     min_lv = np.array([-10.0, -10.0, -60.0])
     state = hand_state(MEANS, raw, ELITES, min_logvar=min_lv)
     var = np.exp(min_lv) + np.exp(0.5) / (1 + np.exp(0.5 - raw))  # = np_var with the per-dim floor
     np.testing.assert_allclose(var[:, :OBS], np_var(raw[:, :OBS]), rtol=1e-6)
+    penalised = ELITES if members == "elites" else list(range(len(RAW)))  # the paper: all N members
     if penalty == "max_std":
-        u = np.sqrt(var[ELITES].sum(-1)).max()
+        u = np.sqrt(var[penalised].sum(-1)).max()
     elif penalty == "max_aleatoric":  # MOPO: over all members, elites or not
         u = np.sqrt(var.sum(-1)).max()
     else:
-        mu = MEANS[ELITES, :OBS]
+        mu = MEANS[penalised, :OBS]
         u = np.linalg.norm(mu - mu.mean(0), axis=-1).max()
     lam = 2.5
-    cfg = ro.RolloutConfig(horizon=2, penalty_coef=lam, penalty=penalty, chunk_size=64)
+    cfg = ro.RolloutConfig(horizon=2, penalty_coef=lam, penalty=penalty, members=members, chunk_size=64)
     batch, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
         jax.random.PRNGKey(1), None, state, jnp.zeros((16, OBS))
     )
@@ -113,21 +115,21 @@ def test_trajectory_terminating_at_step_k_yields_k_valid_rows():
     np.testing.assert_allclose(float(metrics["fraction_terminated"]), np.mean(k <= h))
 
 
-@pytest.mark.parametrize("penalty, use_elites", [("max_std", True), ("max_aleatoric", True),
-                                                 ("max_std", False)])
-def test_member_choice_is_uniform_over_elites(penalty, use_elites):
+@pytest.mark.parametrize("penalty, members", [("max_std", "elites"), ("max_aleatoric", "elites"),
+                                              ("max_std", "all")])
+def test_member_choice_is_uniform_over_the_member_set(penalty, members):
     e = 5
     means = np.zeros((e, D))
     means[:, 0] = np.arange(e)  # member i moves x by exactly i
     state = hand_state(means, np.full((e, D), -200.0), [4, 0, 2], min_logvar=-60.0)
     b = 6000
-    cfg = ro.RolloutConfig(horizon=1, penalty=penalty, use_elites=use_elites, chunk_size=1024)
+    cfg = ro.RolloutConfig(horizon=1, penalty=penalty, members=members, chunk_size=1024)
     batch, _ = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
         jax.random.PRNGKey(3), None, state, jnp.zeros((b, OBS))
     )
     assert batch.valid.shape == (b,) and bool(batch.valid.all())
     chosen = np.rint(np.asarray(batch.next_observations[:, 0])).astype(int)
-    allowed = [0, 2, 4] if use_elites else list(range(e))
+    allowed = [0, 2, 4] if members == "elites" else list(range(e))
     counts = np.bincount(chosen, minlength=e)
     assert set(np.flatnonzero(counts)) == set(allowed)
     expected = b / len(allowed)

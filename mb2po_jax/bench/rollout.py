@@ -2,7 +2,7 @@
 
 Random-init networks (speed does not depend on the weights). FLOPs counted honestly: per imagined step,
 the forward matmuls of every ensemble member the engine actually evaluates (the elites with the default
-"max_std" penalty; all members for "max_aleatoric" or use_elites=False) plus the policy's forward. Elementwise
+"max_std" penalty; all members for "max_aleatoric" or members="all") plus the policy's forward. Elementwise
 work (swish, soft clamps, sampling, termination) is not counted: it is the overhead the ratio exposes.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def run(
     chunk_size: int = 0,
     layout: str = "auto",
     penalty: str = "max_std",
-    use_elites: bool = True,
+    members: str = "elites",
     policy_hidden: tuple[int, ...] = (256, 256, 256),
     min_time: float = 0.0,
     repeats: int = 2,
@@ -94,7 +94,7 @@ def run(
         require_torch()
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
     rcfg = ro.RolloutConfig(
-        horizon=horizon, penalty=penalty, use_elites=use_elites, chunk_size=chunk_size or None, layout=layout
+        horizon=horizon, penalty=penalty, members=members, chunk_size=chunk_size or None, layout=layout
     )
     k_dyn, k_pi, k_obs, k_roll = jax.random.split(jax.random.PRNGKey(seed), 4)
     dyn_state = random_dynamics_state(k_dyn, obs_dim, act_dim, dcfg)
@@ -116,7 +116,7 @@ def run(
     )
     peak = max(peak, matmul_flops_per_s(mesh=mesh))
 
-    members = num_members if (penalty == "max_aleatoric" or not use_elites) else num_elites
+    members = num_members if (penalty == "max_aleatoric" or members == "all") else num_elites
     sizes = dyn._layer_sizes(dcfg, obs_dim, act_dim)
     flops_per_step = members * dense_flops(1, sizes) + dense_flops(1, [obs_dim, *policy_hidden, 2 * act_dim])
     imagined = num_starts * horizon

@@ -319,8 +319,7 @@ def train_behavior(
     act_dim = int(env.action_space.shape[0])
     to_env = env_spaces(env_id).from_unit_actions
 
-    root = jax.random.PRNGKey(seed)
-    k_init, k_act, k_update = jax.random.split(root, 3)
+    k_init, k_act, k_update = _run_keys(seed)
     state = sac.init_sac(k_init, obs_dim, act_dim, config.sac)
     obs, _ = env.reset(seed=seed)
     host = {"step": 0, "ep_len": 0, "ep_return": 0.0, "episodes": 0, "recent_returns": [], "last_eval": None}
@@ -469,6 +468,19 @@ def train_behavior(
         with open(os.path.join(workdir, "behavior.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return {"step": t, "state": state, "last_eval": host["last_eval"]}
+
+
+def _run_keys(seed: int) -> jax.Array:
+    """(init, act, update) keys of the run with `seed`."""
+    return jax.random.split(jax.random.PRNGKey(seed), 3)
+
+
+def initial_actor(env_id: str, seed: int, config: BehaviorConfig = BehaviorConfig()) -> Any:
+    """Actor parameters of `train_behavior(env_id, seed=seed, config=config)` before its first update: the
+    "randomly initialized policy" of D4RL's random datasets (same network and initialisation as the run)."""
+    spaces = env_spaces(registry.env_id_for(env_id))
+    state = sac.init_sac(_run_keys(seed)[0], spaces.obs_dim, spaces.act_dim, config.sac)
+    return jax.device_get(state.actor.params)
 
 
 # ------------------------------------------------------------------------------------- selection

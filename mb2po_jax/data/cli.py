@@ -2,8 +2,8 @@
 
     mb2po-data validate PATH|NAME [--env ID]          one summary line, exit 0; or one error line, exit 1
     mb2po-data info PATH|NAME [--env ID] [--json]
-    mb2po-data generate --env hopper --kind random|medium|medium-replay|expert|medium-expert [--size N]
-                        [--seed S] [--out PATH]
+    mb2po-data generate --env hopper --kind random|uniform|medium|medium-replay|expert|medium-expert
+                        [--size N] [--seed S] [--out PATH]
     mb2po-data train-behavior --env hopper --workdir W [--total_steps N] [--seed S]
     mb2po-data export-behavior W --out DIR [--replay_every N]
 
@@ -67,6 +67,7 @@ def _cmd_info(args) -> int:
         "name": ds.name,
         "path": ds.path,
         "env": ds.env_id,
+        "env_id": ds.env_id,
         "transitions": ds.num_transitions,
         "rows": ds.num_rows,
         "episodes": ds.num_episodes,
@@ -208,10 +209,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--env", required=True, help="hopper, halfcheetah, walker2d, or any Gymnasium id")
     kinds = [k for k in registry.LOCAL_KINDS if k in generation.GENERATORS]
     p.add_argument("--kind", required=True, choices=kinds,
-                   help="random: uniform actions; medium, expert: the behaviour SAC run's medium / expert policy; "
-                        "medium-replay: its policies up to medium, as its replay buffer held them; medium-expert: "
-                        "medium rows then expert rows. All but random need behaviour-policy assets "
-                        "(see train-behavior, export-behavior)")
+                   help="random: the behaviour SAC actor at initialisation (D4RL's randomly initialised policy); "
+                        "uniform: uniform random actions; medium, expert: the behaviour SAC run's medium / expert "
+                        "policy; medium-replay: its policies up to medium, as its replay buffer held them; "
+                        "medium-expert: medium rows then expert rows. All but random and uniform need "
+                        "behaviour-policy assets (see train-behavior, export-behavior)")
     p.add_argument("--size", type=int, default=None,
                    help="transitions (default: D4RL's: 1,000,000; medium-expert 2,000,000, half each; "
                         "medium-replay all of the run's steps up to the medium policy, the most it can have)")

@@ -37,12 +37,13 @@ def _read_value(dataset):
     return dataset[()]
 
 
-def read_d4rl_hdf5(path: str, *, infos: bool = True) -> dict[str, np.ndarray]:
+def read_d4rl_hdf5(path: str, *, infos: bool = True, arrays: bool = True) -> dict[str, np.ndarray]:
     """Every dataset of a D4RL-layout file by its full name ('observations', 'infos/qpos', 'metadata/algorithm').
 
     dtypes are kept as stored. Attributes of the `metadata` group (and of the root) are returned as
     'metadata/<name>' entries too, so metadata reads the same whichever way it was stored. Scalar
-    variable-length strings come back as `str`. `infos=False` skips the (large) `infos/*` arrays.
+    variable-length strings come back as `str`. `infos=False` skips the (large) `infos/*` arrays;
+    `arrays=False` reads only the metadata.
     """
     import h5py
 
@@ -57,7 +58,8 @@ def read_d4rl_hdf5(path: str, *, infos: bool = True) -> dict[str, np.ndarray]:
         with h5py.File(path, "r") as f:
 
             def visit(name, obj):
-                if isinstance(obj, h5py.Dataset) and (infos or not name.startswith("infos/")):
+                wanted = (infos or not name.startswith("infos/")) and (arrays or name.startswith("metadata/"))
+                if isinstance(obj, h5py.Dataset) and wanted:
                     raw[name] = _read_value(obj)
 
             f.visititems(visit)
@@ -274,6 +276,22 @@ def d4rl_file_name(name: str) -> str:
             return f"{'walker' if env == 'walker2d' else env}_mixed.hdf5"
         return f"{env}_{kind.replace('-', '_')}.hdf5"
     return f"{env}_{kind.replace('-', '_')}-v{version}.hdf5"
+
+
+def d4rl_name_for_file(stem: str) -> str | None:
+    """The D4RL dataset name of a file named as d4rl caches it, given without '.hdf5' ('hopper_medium_replay-v2'
+    -> 'hopper-medium-replay-v2', 'walker_mixed' -> 'walker2d-medium-replay-v0') or named by the dataset name;
+    None for any other name."""
+    stem = stem.strip().lower()
+    if parse_d4rl_name(stem) is not None:
+        return stem
+    for env in D4RL_ENVS:
+        for kind in D4RL_KINDS:
+            for version in (0, 1, 2):
+                name = f"{env}-{kind}-v{version}"
+                if parse_d4rl_name(name) is not None and d4rl_file_name(name) == f"{stem}.hdf5":
+                    return name
+    return None
 
 
 def d4rl_url(name: str) -> str:

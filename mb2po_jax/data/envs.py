@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import warnings
 
 import numpy as np
 
@@ -35,11 +36,16 @@ def quiet_mujoco():
 
 
 def make_env(env_id: str, **kwargs):
-    """gymnasium.make(env_id, **kwargs) without MuJoCo's warning noise; DataError if it cannot be made."""
+    """gymnasium.make(env_id, **kwargs) without MuJoCo's warning noise; DataError if it cannot be made.
+
+    Gymnasium warns that v4 is "out of date": D4RL's data is evaluated in v4 on purpose (registry.
+    D4RL_ENV_VERSION), so that warning is dropped; any other is kept.
+    """
     import gymnasium as gym
 
     try:
-        with quiet_mujoco():
+        with quiet_mujoco(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is out of date", category=DeprecationWarning)
             return gym.make(env_id, **kwargs)
     except Exception as e:  # unknown id, missing optional dependency, bad kwargs
         msg = " ".join(str(e).split())

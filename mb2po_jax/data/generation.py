@@ -1,14 +1,18 @@
 """Making D4RL-style datasets in Gymnasium's MuJoCo environments (SPEC section 2: D4RL's recipe).
 
-`random` = uniform random policy. The SAC-based kinds are rollouts of the behaviour policies of one online SAC
-run (`mb2po_jax.data.behavior`, which trains them and exports them as small assets):
+`random` = D4RL's "randomly initialized policy": the stochastic policy of the behaviour SAC actor at its
+initialisation (`behavior.initial_actor`, the network of the medium/expert policies, seeded with the dataset's
+seed; no assets needed). `uniform` = uniform random actions (not a D4RL kind; what `random` files held until
+2026-12-05: `RECIPES` makes the loader refuse those by local name). The SAC-based kinds are rollouts of the
+behaviour policies of one online SAC run (`mb2po_jax.data.behavior`, which trains them and exports them as
+small assets):
   medium, expert   the stochastic policy of the exported medium / expert actor, `size` steps
   medium-replay    the run's sequence of behaviour policies up to the medium one (`behavior.medium_replay_policy`)
   medium-expert    the medium rows, then the expert rows (same seed), as D4RL concatenates its two files
 Assets: $MB2PO_BEHAVIOR_DIR/<env>/ if that variable is set, else the shipped mb2po_jax/assets/behavior/<env>/
-(<env> = hopper, halfcheetah, walker2d, or the Gymnasium id of other envs). All five kinds are in `GENERATORS`;
-the SAC ones import `behavior` only when called: it imports the data package, so importing it here at the top
-would close an import cycle (mb2po_jax.data imports this module).
+(<env> = hopper, halfcheetah, walker2d, or the Gymnasium id of other envs). All six kinds are in `GENERATORS`;
+random and the SAC ones import `behavior` only when called: it imports the data package, so importing it here
+at the top would close an import cycle (mb2po_jax.data imports this module).
 
 Files have D4RL's layout: observations, actions, rewards, next_observations (float32), terminals and timeouts
 (bool; terminal = the environment terminated, timeout = the time limit truncated), infos/qpos and infos/qvel
@@ -129,7 +133,42 @@ def rollout(env_id: str, policy: Policy, size: int, seed: int,
 
 def generate_random(env_id: str, size: int, seed: int, path: str,
                     max_episode_steps: int = MAX_EPISODE_STEPS) -> str:
-    """Uniform random policy in `env_id` for `size` steps, written to `path` (atomically). Returns `path`."""
+    """D4RL's random kind: the stochastic policy of a freshly initialised behaviour SAC actor
+    (`behavior.initial_actor(env_id, seed)`, the actor `train-behavior --seed seed` starts from), sampled with
+    `seed` as the medium/expert kinds sample theirs; `size` steps written to `path` (atomically). Returns `path`.
+
+    At initialisation the actor's mean and log-std heads are near 0 (small output init), so the actions are
+    close to tanh(N(0, 1)) in every state, not uniform: fewer near 0 (|a| < 0.5: ~42 % against 50 %), more
+    at 0.6 < |a| < 0.99, each with its own log-probability.
+    """
+    import jax
+
+    from mb2po_jax.data import behavior
+
+    env_id = registry.env_id_for(env_id)
+    config = behavior.BehaviorConfig().sac
+    policy = behavior.policy_fn(behavior.initial_actor(env_id, seed), seed)
+    arrays = rollout(env_id, _in_env_bounds(policy, env_id), size, seed, max_episode_steps,
+                     desc=f"random {env_id}")
+    metadata = {
+        "algorithm": RECIPES["random"],
+        "kind": "random",
+        "env_id": env_id,
+        "seed": int(seed),
+        "size": int(size),
+        "max_episode_steps": int(max_episode_steps),
+        "policy_step": 0,
+        "policy_hidden_dims": "x".join(str(int(h)) for h in config.hidden_dims),
+        "jax_version": jax.__version__,
+        **_library_versions(),
+    }
+    d4rl.write_d4rl_hdf5(path, arrays, metadata)
+    return path
+
+
+def generate_uniform(env_id: str, size: int, seed: int, path: str,
+                     max_episode_steps: int = MAX_EPISODE_STEPS) -> str:
+    """Uniform random actions in `env_id` for `size` steps, written to `path` (atomically). Returns `path`."""
     env_id = registry.env_id_for(env_id)
     spaces = env_spaces(env_id)
     low, high = spaces.act_low, spaces.act_high
@@ -144,10 +183,10 @@ def generate_random(env_id: str, size: int, seed: int, path: str,
     def policy(_obs):
         return sampled[next(counter)], log_prob
 
-    arrays = rollout(env_id, policy, size, seed, max_episode_steps, desc=f"random {env_id}")
+    arrays = rollout(env_id, policy, size, seed, max_episode_steps, desc=f"uniform {env_id}")
     metadata = {
-        "algorithm": "uniform_random",
-        "kind": "random",
+        "algorithm": RECIPES["uniform"],
+        "kind": "uniform",
         "env_id": env_id,
         "seed": int(seed),
         "size": int(size),
@@ -160,15 +199,33 @@ def generate_random(env_id: str, size: int, seed: int, path: str,
 
 # D4RL's dataset sizes (transitions). medium-replay's is the behaviour run's own: every env step up to the
 # medium policy (the assets' manifest), so it has no fixed default.
-DEFAULT_SIZES = {"random": 1_000_000, "medium": 1_000_000, "expert": 1_000_000, "medium-expert": 2_000_000}
+DEFAULT_SIZES = {"random": 1_000_000, "uniform": 1_000_000, "medium": 1_000_000, "expert": 1_000_000,
+                 "medium-expert": 2_000_000}
 BEHAVIOR_DIR_VAR = "MB2PO_BEHAVIOR_DIR"
 PACKAGE_BEHAVIOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "assets", "behavior")
 SAC_KINDS = ("medium", "medium-replay", "expert", "medium-expert")
 
 
-def _generate_random_kind(env_id: str, size: int | None, seed: int, path: str) -> str:
-    return generate_random(env_id, DEFAULT_SIZES["random"] if size is None else size, seed, path)
+# metadata/algorithm of each kind's files. A local file whose recipe differs (a `random` file of uniform
+# actions, made before random became the initial SAC policy) is refused by name (`check_recipe`).
+RECIPES = {"random": "sac_init", "uniform": "uniform_random", **{kind: "sac" for kind in SAC_KINDS}}
+
+
+def check_recipe(local: registry.LocalName, metadata: dict, path: str) -> None:
+    """DataError if the file of local dataset `local` was made with another recipe than its kind's now."""
+    made, expected = metadata.get("algorithm"), RECIPES.get(local.kind)
+    if metadata.get("kind") == local.kind and made is not None and made != expected:
+        raise DataError(
+            f"{local.name}: {path} was made by an older recipe (algorithm {made}, now {expected}); make it again "
+            f"with `mb2po-data generate --env {local.env} --kind {local.kind}`")
+
+
+def _default_size(generate_fn: Callable[..., str], kind: str) -> Callable[[str, int | None, int, str], str]:
+    def make(env_id: str, size: int | None, seed: int, path: str) -> str:
+        return generate_fn(env_id, DEFAULT_SIZES[kind] if size is None else size, seed, path)
+
+    return make
 
 
 # ------------------------------------------------------------------------------------- SAC-based kinds
@@ -366,7 +423,8 @@ def _sac_kind(kind: str) -> Callable[[str, int | None, int, str], str]:
 
 # kind -> fn(env_id, size or None for the kind's default, seed, path) -> path, in registry.LOCAL_KINDS order.
 GENERATORS: dict[str, Callable[[str, int | None, int, str], str]] = {
-    "random": _generate_random_kind, **{kind: _sac_kind(kind) for kind in SAC_KINDS}}
+    "random": _default_size(generate_random, "random"), "uniform": _default_size(generate_uniform, "uniform"),
+    **{kind: _sac_kind(kind) for kind in SAC_KINDS}}
 
 
 def generate(env: str, kind: str, *, size: int | None = None, seed: int = DEFAULT_SEED,

@@ -8,12 +8,13 @@ episode (Minari keeps the final observation). `terminations` become terminals, `
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
 from mb2po_jax.errors import DataError
-from mb2po_jax.data import validation
+from mb2po_jax.data import registry, validation
 from mb2po_jax.data.d4rl import episode_stats
 from mb2po_jax.data.transitions import Dataset, Transitions
 
@@ -100,10 +101,28 @@ def read_minari(dataset_id: str) -> tuple[dict[str, np.ndarray], np.ndarray, str
     return raw, np.asarray(lengths, np.int64), env_id, metadata
 
 
+def recorded_env_id(dataset_id: str) -> str | None:
+    """The env spec id in the dataset's metadata.json (read without minari or the data); None if absent."""
+    try:
+        with open(os.path.join(minari_data_dir(dataset_id), "metadata.json"), encoding="utf-8") as f:
+            spec = json.load(f).get("env_spec")
+        env_id = json.loads(spec).get("id") if isinstance(spec, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return env_id if isinstance(env_id, str) else None
+
+
+def implied_env_id(dataset_id: str) -> str | None:
+    """For a dataset that records no env spec: Minari's MuJoCo datasets (mujoco/hopper/...) were collected in
+    Gymnasium's v5, so a known environment in the id gives its v5 id; None otherwise."""
+    return registry.env_id_for(dataset_id) if registry.env_key(dataset_id) else None
+
+
 def load_minari(dataset_id: str, env_id: str | None = None, *, validate: bool = True) -> Dataset:
-    """A Minari dataset as a Dataset. The environment is `env_id`, else the one in the dataset's env spec."""
+    """A Minari dataset as a Dataset. The environment is `env_id`, else the one in the dataset's env spec,
+    else the one its id implies (`implied_env_id`)."""
     raw, lengths, spec_env_id, metadata = read_minari(dataset_id)
-    env_id = env_id or spec_env_id
+    env_id = env_id or spec_env_id or implied_env_id(dataset_id)
     if env_id is None:
         raise DataError(f"{dataset_id}: the dataset records no environment; pass --env (a Gymnasium id)")
     if validate:

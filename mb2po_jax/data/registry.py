@@ -18,9 +18,17 @@ REF_MAX_SCORE = {"halfcheetah": 12135.0, "hopper": 3234.3, "walker2d": 4592.3}
 GYM_NAMES = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
 _ALIASES = {"walker": "walker2d", "cheetah": "halfcheetah"}  # "walker" is D4RL v0's walker_mixed.hdf5
 
-# Dataset kinds made with D4RL's recipe (SPEC section 2); generation.py says which it can make today.
-LOCAL_KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+# Dataset kinds made with D4RL's recipe (SPEC section 2; random = the randomly initialised SAC policy), plus
+# `uniform` (uniform random actions, not a D4RL kind); generation.py makes each.
+LOCAL_KINDS = ("random", "uniform", "medium", "medium-replay", "expert", "medium-expert")
 LOCAL_SUFFIX = "-local"
+
+# D4RL's locomotion files (v0-v2) were collected in gym's v3 MuJoCo environments. Gymnasium's v4 keeps those
+# models on the `mujoco` bindings; v5 changed them (Walker2d's right foot friction 0.9 -> 1.9, no healthy
+# reward on Hopper's and Walker2d's terminating step), so D4RL data is evaluated in v4. Our generated
+# datasets (generation.py) and Minari's MuJoCo datasets are collected in v5.
+D4RL_ENV_VERSION = "v4"
+DEFAULT_ENV_VERSION = "v5"
 
 _GYM_ID = re.compile(r"^(?:[\w.-]+/)?[\w.:-]+-v\d+$")
 
@@ -46,11 +54,12 @@ def _is_registered_gym_id(name: str) -> bool:
     return name in gymnasium.envs.registry
 
 
-def env_id_for(name_or_env: str, version: str = "v5") -> str:
-    """Gymnasium id for a dataset or environment name: 'hopper-medium-replay-v2' -> 'Hopper-v5'.
+def env_id_for(name_or_env: str, version: str = DEFAULT_ENV_VERSION) -> str:
+    """Gymnasium id of `version` for a dataset or environment name: 'hopper' -> 'Hopper-v5'.
 
     A name that already is a registered Gymnasium id ('Hopper-v4', 'Pendulum-v1') is returned unchanged;
-    `version` only applies to names given by environment key. Unknown names raise DataError.
+    `version` only applies to names given by environment key. Unknown names raise DataError. Which version a
+    dataset's data came from is the loader's business (`loader.dataset_env_id`: D4RL's is D4RL_ENV_VERSION).
     """
     if _is_registered_gym_id(name_or_env):
         return name_or_env

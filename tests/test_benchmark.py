@@ -1,0 +1,247 @@
+"""experiments/benchmark.py: the report on synthetic workdirs (known scores), the run command's commands,
+skipping and failure lines (with a stand-in for mb2po-train), and one real smoke run (slow)."""
+import importlib.util
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARK = ROOT / "experiments" / "benchmark.py"
+DEFAULT = [f"{env}-{kind}-local" for env in ("hopper", "walker2d", "halfcheetah")
+           for kind in ("medium-replay", "medium", "medium-expert")]
+
+
+def _run(*args, env=None, timeout=120):
+    env = {**{k: v for k, v in os.environ.items() if k != "MB2PO_TRAIN"}, **(env or {})}
+    return subprocess.run([sys.executable, str(BENCHMARK), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _fake_run(root, name, awac, mb2po=None, *, awac_evals=(2000, 4000), mb2po_evals=(2, 4), finished=True,
+              preset="cpu", commit="abc123"):
+    """A mb2po-train workdir with AWAC ending at `awac` and MB2PO at `mb2po` (per-seed normalised scores)."""
+    workdir = root / name
+    (workdir / "checkpoints" / "awac").mkdir(parents=True)
+    (workdir / "checkpoints" / "awac" / "big.bin").write_bytes(b"\0" * 100)
+    seeds = len(awac)
+    config = {"awac_steps": 4000, "num_seeds": seeds, "seed": 0, "eval_episodes": 10,
+              "mb2po": {"iterations": 4, "updates_per_iteration": 1000, "horizon": 5, "penalty_coef": 1.0}}
+    (workdir / "config.json").write_text(json.dumps({"identity": {"dataset": name}, "preset": preset,
+                                                     "config": config}))
+    lines = []
+    for step in awac_evals:
+        lines.append({"stage": "awac", "step": step, "critic_loss": [1.0] * seeds})
+        lines.append({"stage": "awac", "step": step, "time": 1.5, "return": [1.0] * seeds,
+                      "normalized_score": [a - (4000 - step) / 1000 for a in awac]})
+    for it in mb2po_evals if mb2po else ():
+        lines.append({"stage": "mb2po", "step": it, "time": 2.5, "return": [2.0] * seeds,
+                      "normalized_score": [m - (4 - it) for m in mb2po]})
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    (workdir / "benchmark.json").write_text(json.dumps({"dataset": name, "launches": [
+        {"commit": commit, "budget": preset, "seeds": seeds, "seed": 0},
+        {"commit": "refused", "budget": "paper", "seeds": seeds, "seed": 0}]}))
+    if finished:
+        final = {"awac": {"normalized_score": awac, "return": [1.0] * seeds},
+                 "mb2po": {"normalized_score": mb2po, "return": [2.0] * seeds}}
+        (workdir / "results.json").write_text(json.dumps({"dataset": name, "preset": preset, "num_seeds": seeds,
+                                                          "final": final, "config": config}))
+
+
+def _row(md, name):
+    (row,) = [l for l in md.splitlines() if l.startswith(f"| {name} |")]
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_report_table_curves_and_copies_that_regenerate_it(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "hopper-medium-replay-local", [20.0, 30.0, 25.0], [40.0, 50.0, 60.0])
+    _fake_run(runs, "walker2d-medium-expert-local", [90.0, 92.0, 94.0], [80.0, 85.0, 90.0], commit="def456")
+    _fake_run(runs, "halfcheetah-medium-local", [40.0, 41.0, 42.0], [42.0, 44.0, 40.0])
+    _fake_run(runs, "hopper-medium-local", [10.0, 11.0, 12.0], awac_evals=(2000,), finished=False)
+    _fake_run(runs, "hopper-expert-local", [100.0, 110.0, 120.0], [1.0, 2.0, 3.0], mb2po_evals=(2,),
+              finished=False)
+    out = tmp_path / "results"
+    done = _run("report", "--workdir", runs, "--out", out)
+    assert (out / "benchmark.md").is_file(), done.stderr
+    md = (out / "benchmark.md").read_text()
+
+    assert _row(md, "hopper-medium-replay-local") == [
+        "hopper-medium-replay-local", "done", "5, 1.0", "25.0 ± 5.0 (20.0, 30.0, 25.0)",
+        "50.0 ± 10.0 (40.0, 50.0, 60.0)", "+25.0 ± 8.7 (+20.0, +20.0, +35.0)", "+53.0 (29.0 -> 82.0)"]
+    assert _row(md, "walker2d-medium-expert-local")[5:] == [
+        "-7.0 ± 3.0 (-10.0, -7.0, -4.0)", "degrades (no number; AWAC 93.2)"]
+    assert _row(md, "halfcheetah-medium-local")[5:] == ["+1.0 ± 2.6 (+2.0, +3.0, -2.0)", "+4.3 (41.2 -> 45.5)"]
+    # Unfinished: AWAC's final score once its last evaluation is in, the rest pending.
+    assert _row(md, "hopper-medium-local")[1:] == [
+        "running (awac 2000/4000)", "5, 1.0", "running", "running", "running", "not in Table 1"]
+    assert _row(md, "hopper-expert-local")[1:6] == [
+        "running (mb2po 2/4)", "5, 1.0", "110.0 ± 10.0 (100.0, 110.0, 120.0)", "running", "running"]
+    assert _row(md, "walker2d-medium-replay-local")[1:6] == ["not started", "", "-", "-", "-"]
+    table = [l for l in md.splitlines() if l.startswith("| ") and "-local" in l]
+    assert [r.split(" | ")[0][2:] for r in table] == [
+        "hopper-medium-replay-local", "hopper-medium-local", "hopper-medium-expert-local", "hopper-expert-local",
+        *DEFAULT[3:]]
+    assert ("MB2PO improved the mean normalised score on 2 of 3 finished datasets (every seed improved on 1); "
+            "largest loss: walker2d-medium-expert-local (-7.0).") in md
+    assert "agrees with the paper's Table 1 on 3 of the 3 finished datasets" in md
+    assert "Budget (`mb2po-train --preset`): cpu." in md and "Seeds per dataset: 3 (base seed 0)" in md
+    assert "Commits: abc123, def456." in md  # not the launch with other settings
+
+    copy = out / "runs" / "hopper-medium-replay-local"
+    assert sorted(p.name for p in copy.iterdir()) == ["benchmark.json", "config.json", "evals.jsonl",
+                                                      "results.json"]
+    evals = [json.loads(l) for l in (copy / "evals.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["step"]) for e in evals] == [("awac", 2000), ("awac", 4000), ("mb2po", 2), ("mb2po", 4)]
+    assert not (out / "runs" / "hopper-medium-local" / "results.json").exists()
+
+    # The committed copies alone give the same file, byte for byte: in place, and copied elsewhere.
+    again = _run("report", "--from", out / "runs", "--out", out, "--no_plots")
+    assert again.returncode == 0, again.stderr
+    assert (out / "benchmark.md").read_text() == md
+    moved = tmp_path / "moved"
+    elsewhere = _run("report", "--from", out / "runs", "--out", moved, "--no_plots")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert (moved / "benchmark.md").read_bytes() == (out / "benchmark.md").read_bytes()
+    for f in (out / "runs").rglob("*"):
+        if f.is_file():
+            assert (moved / "runs" / f.relative_to(out / "runs")).read_bytes() == f.read_bytes()
+    # A run removed from the workdir root leaves the copies too.
+    shutil.rmtree(runs / "hopper-expert-local")
+    assert _run("report", "--workdir", runs, "--out", moved, "--no_plots").returncode == 0
+    assert not (moved / "runs" / "hopper-expert-local").exists() and "hopper-expert-local" not in (
+        moved / "benchmark.md").read_text()
+
+    if importlib.util.find_spec("matplotlib") is None:  # an optional dependency (the "plot" extra)
+        assert done.returncode == 1 and done.stderr.startswith("error: plots need matplotlib")
+        return
+    curves = {p.name for p in out.glob("benchmark_*.png")}
+    assert curves == {f"benchmark_{n}.png" for n in ("hopper-medium-replay-local", "walker2d-medium-expert-local",
+                                                      "halfcheetah-medium-local", "hopper-medium-local",
+                                                      "hopper-expert-local")}
+    assert done.returncode == 0, done.stderr
+    assert all((out / c).stat().st_size > 10_000 for c in curves)
+
+
+def test_report_before_any_run(tmp_path):
+    (tmp_path / "runs").mkdir()
+    done = _run("report", "--workdir", tmp_path / "runs", "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert all(_row(md, n)[1] == "not started" for n in DEFAULT)
+    assert "none of the 9 datasets has finished yet" in md
+    missing = _run("report", "--workdir", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert missing.returncode == 1 and missing.stderr.strip().endswith("nowhere: not a directory")
+
+
+def test_dry_run_prints_one_train_command_per_dataset_and_skips_finished(tmp_path):
+    from mb2po_jax import config as config_lib
+
+    work = tmp_path / "bench"
+    env = {"MB2PO_DATA_DIR": str(tmp_path / "data")}
+    out = _run("run", "--budget", "cpu", "--seeds", "3", "--workdir", work, "--dry_run", env=env)
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(l) for l in out.stdout.splitlines()]
+    train = [c for c in commands if c[1:3] == ["-m", "mb2po_jax.train"]]
+    generate = [c for c in commands if c[1:3] == ["-m", "mb2po_jax.data.cli"]]
+    assert len(train) == 9 and len(generate) == 9 and len(commands) == 18
+    assert [c[3] for c in train] == [f"--dataset={n}" for n in DEFAULT]
+    assert train[0][4:] == ["--stages=awac,dynamics,mb2po", "--preset=cpu", "--num_seeds=3", "--seed=0",
+                            f"--workdir={work / DEFAULT[0]}"]
+    assert generate[0][3:] == ["generate", "--env", "hopper", "--kind", "medium-replay"]
+    assert not work.exists()
+
+    # A finished run of this configuration is skipped; its dataset file present, nothing to generate.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "hopper_medium_replay-local.hdf5").write_bytes(b"")
+    expected = config_lib.make_config("smoke", {"num_seeds": 2, "seed": 0, "stages": ("awac", "dynamics", "mb2po")},
+                                      config_lib.task_defaults(DEFAULT[0]))
+    (work / DEFAULT[0]).mkdir(parents=True)
+    (work / DEFAULT[0] / "results.json").write_text(json.dumps({
+        "dataset": DEFAULT[0], "preset": "smoke", "final": {"awac": {}, "mb2po": {}},
+        "config": json.loads(json.dumps(config_lib.to_dict(expected)))}))
+    args = ["run", "--budget", "smoke", "--seeds", "2", "--workdir", work, "--dry_run", "--kinds",
+            "medium-replay,random"]
+    out = _run(*args, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"# {DEFAULT[0]}: finished, skipped: ")
+    assert [shlex.split(l)[3] for l in lines[1:] if "mb2po_jax.train" in l] == [
+        "--dataset=hopper-random-local", *(f"--dataset={e}-{k}-local" for e in ("walker2d", "halfcheetah")
+                                           for k in ("medium-replay", "random"))]
+    other = _run(*[a if a != "2" else "3" for a in args], env=env)  # other seeds: not this run's results
+    assert shlex.split(other.stdout.splitlines()[0])[3] == f"--dataset={DEFAULT[0]}"
+
+    bad = _run("run", "--datasets", "hopper-medium-v2", "--dry_run", env=env)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --datasets: hopper-medium-v2 not ")
+
+
+FAKE_TRAIN = """
+import json, os, sys
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+if flags["dataset"].startswith("walker2d"):
+    print("progress\\nerror: walker2d failed on purpose\\n", file=sys.stderr)
+    sys.exit(3)
+os.makedirs(flags["workdir"], exist_ok=True)
+with open(os.path.join(flags["workdir"], "results.json"), "w") as f:
+    json.dump({"dataset": flags["dataset"], "num_seeds": 2, "final": {
+        "awac": {"normalized_score": [10.0, 20.0]}, "mb2po": {"normalized_score": [30.0, 40.0]}}}, f)
+"""
+
+
+def test_run_progress_log_and_failures(tmp_path):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    data = tmp_path / "data"
+    data.mkdir()
+    for n in ("hopper_medium_replay", "walker2d_medium_replay", "halfcheetah_medium_replay"):
+        (data / f"{n}-local.hdf5").write_bytes(b"")
+    env = {"MB2PO_DATA_DIR": str(data), "MB2PO_TRAIN": f"{sys.executable} {fake}"}
+    work = tmp_path / "bench"
+    args = ["run", "--budget", "smoke", "--seeds", "2", "--workdir", work, "--kinds", "medium-replay"]
+    out = _run(*args, env=env)
+    assert out.returncode == 1
+    assert ("error: walker2d-medium-replay-local: mb2po-train exited with status 3: error: walker2d failed on "
+            "purpose") in out.stderr
+    assert "[1/3] hopper-medium-replay-local: finished in " in out.stdout
+    assert "AWAC 15.0 -> AWAC+MB2PO 35.0 (mean normalised score over 2 seeds)" in out.stdout
+    assert "halfcheetah" not in out.stdout + out.stderr  # stopped at the failure
+    log = (work / "benchmark.log").read_text()
+    assert "hopper-medium-replay-local: finished in" in log and "error: walker2d-medium-replay-local" in log
+    launch = json.loads((work / "hopper-medium-replay-local" / "benchmark.json").read_text())
+    assert launch["launches"][0]["budget"] == "smoke" and launch["launches"][0]["seeds"] == 2
+
+    out = _run(*args, "--keep_going", env=env)
+    assert out.returncode == 1
+    assert "[3/3] halfcheetah-medium-replay-local: finished in " in out.stdout
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: benchmark: 2 finished, 0 skipped, 1 failed in ")
+
+
+@pytest.mark.slow
+def test_smoke_benchmark_runs_then_skips(tmp_path):
+    """The real thing at the smoke preset, 1 seed, on a 3,000-row dataset the benchmark generates
+    (about 4 minutes on the 2-core dev CPU)."""
+    env = {"MB2PO_DATA_DIR": str(tmp_path / "data")}
+    work = tmp_path / "bench"
+    args = ["run", "--budget", "smoke", "--seeds", "1", "--datasets", DEFAULT[0], "--workdir", work,
+            "--data_size", "3000"]
+    first = _run(*args, env=env, timeout=1200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"[1/1] {DEFAULT[0]}: dataset generated in " in first.stdout
+    assert f"[1/1] {DEFAULT[0]}: finished in " in first.stdout
+    results = json.loads((work / DEFAULT[0] / "results.json").read_text())
+    assert len(results["final"]["mb2po"]["normalized_score"]) == 1
+    second = _run(*args, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"[1/1] {DEFAULT[0]}: skipped (finished" in second.stdout
+    assert "benchmark: 0 finished, 1 skipped, 0 failed" in second.stdout
+    report = _run("report", "--workdir", work, "--out", tmp_path / "results", env=env)
+    assert report.returncode == 0, report.stderr
+    assert _row((tmp_path / "results" / "benchmark.md").read_text(), DEFAULT[0])[1] == "done"
+    assert (tmp_path / "results" / f"benchmark_{DEFAULT[0]}.png").is_file()
