@@ -233,6 +233,32 @@ class MetricsWriter:
                 scalars.update(_tb_scalars(f"{stage}/{name}", value))
             self._events.add_scalars(int(step), scalars, wall_time=now)
 
+    def truncate(self, stage: str, step: int) -> None:
+        """Drop the `stage` records logged after `step` (a resumed stage redoes those steps), so that a run
+        killed at any moment and rerun ends with the records of an uninterrupted one. The file is replaced
+        atomically and reopened: appending through the old handle would write into the replaced file."""
+        self._jsonl.flush()
+        with open(self.jsonl_path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not (record.get("stage") == stage and record.get("step", 0) > step):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) == len(lines):
+            return
+        tmp = f"{self.jsonl_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        self._jsonl.close()
+        os.replace(tmp, self.jsonl_path)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+
     def close(self) -> None:
         if not self._jsonl.closed:
             self._jsonl.close()

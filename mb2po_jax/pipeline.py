@@ -84,6 +84,9 @@ class _NullWriter:
     def write(self, stage: str, step: int, metrics: Any) -> None:
         del stage, step, metrics
 
+    def truncate(self, stage: str, step: int) -> None:
+        del stage, step
+
     def __enter__(self):
         return self
 
@@ -131,27 +134,6 @@ def _write_json_atomic(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def _truncate_metrics(path: str, stage: str, step: int) -> None:
-    """Drop `stage` lines logged after `step`: a run killed between checkpoints redoes those steps."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not (record.get("stage") == stage and record.get("step", 0) > step):
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) != len(lines):
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
 
 
 def _to_list(x) -> list[float]:
@@ -303,10 +285,6 @@ class Run:
         state = awac.init_seeds(keys, self.dataset.obs_dim, self.dataset.act_dim, cfg.awac, normalizer)
         return sharding.shard_seeds(state, self.mesh)
 
-    def _truncate(self, stage: str, step: int) -> None:
-        if self.is_chief:
-            _truncate_metrics(self.metrics_path, stage, step)
-
     def _progress(self, total: int, desc: str, start_step: int, **kwargs) -> Progress:
         stream = None if self.is_chief else _Discard()
         return Progress(total, desc, start_step=start_step, stream=stream, **kwargs)
@@ -319,7 +297,7 @@ class Run:
             state, meta = ckpt.restore(state)  # into the placed state: each process reads its shards
             step, final = int(meta["step"]), meta.get("final")
             self.log(f"[awac] resuming from step {step} ({ckpt.latest_step()})")
-            self._truncate("awac", step)
+        writer.truncate("awac", step)  # records after the checkpoint are redone (all of them without one)
         if final is not None and step >= cfg.awac_steps:
             self.log(f"[awac] already finished ({step} steps)")
             ckpt.close()
@@ -390,7 +368,9 @@ class Run:
             done = bool(meta.get("done"))
             epoch, updates = (int(np.max(x)) for x in sharding.to_host((state.epoch, state.step)))
             self.log(f"[dynamics] resuming after epoch {epoch} ({updates} updates)")
-            self._truncate("dynamics", updates)
+        else:
+            updates = 0
+        writer.truncate("dynamics", updates)
         if done:
             self.log("[dynamics] already finished")
             ckpt.close()
@@ -476,7 +456,7 @@ class Run:
             state, meta = ckpt.restore(state)
             it, final = int(meta["iteration"]), meta.get("final")
             self.log(f"[mb2po] resuming from iteration {it}")
-            self._truncate("mb2po", it)
+        writer.truncate("mb2po", it)
         if final is not None and it >= mcfg.iterations:
             self.log(f"[mb2po] already finished ({it} iterations)")
             ckpt.close()

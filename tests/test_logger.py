@@ -222,3 +222,20 @@ def test_format_duration():
     assert format_duration(12.2) == "12s"
     assert format_duration(261) == "4m21s"
     assert format_duration(3723) == "1h02m03s"
+
+
+def test_truncate_then_write_keeps_every_line_the_open_writer_writes(tmp_path):
+    """A resumed stage drops its records after the checkpoint and goes on writing through the same writer:
+    the new lines must land in the file (not in the replaced one) and nothing else may be lost."""
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in (1, 2, 3):
+            w.write("awac", step, {"loss": float(step)})
+        w.write("dynamics", 5, {"mse": 0.5})
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.truncate("awac", 1)
+        w.write("awac", 2, {"loss": 20.0})
+        w.truncate("mb2po", 0)  # nothing of that stage: the file is left as it is
+        w.write("awac", 3, {"loss": 30.0})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("awac", 1), ("dynamics", 5), ("awac", 2), ("awac", 3)]
+    assert [r.get("loss") for r in records] == [1.0, None, 20.0, 30.0]

@@ -154,6 +154,42 @@ def test_sigterm_then_rerun_equals_uninterrupted(tmp_path):
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # train lines + 1 eval line
 
 
+def _records(workdir):
+    """metrics.jsonl without the wall-clock fields: what an interrupted run must reproduce."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(l).items() if k not in ("time", "updates_per_s")} for l in lines]
+
+
+@pytest.mark.parametrize("kill_after_lines", [3, 14])  # before the first checkpoint, and after one
+def test_sigkill_then_rerun_keeps_the_metrics_of_an_uninterrupted_run(tmp_path, kill_after_lines):
+    data = _write_hopper_file(tmp_path / "tiny.hdf5")
+    common = ["--dataset", data, "--preset=smoke", "--awac_steps=300", "--steps_per_call=10",
+              "--eval_every=100", "--checkpoint_every=100", *TINY]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _train([*common, "--workdir", str(straight)]).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "mb2po_jax.train", *common, "--workdir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= kill_after_lines):
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (killed / "results.json").exists(), "killed too late to test anything"
+    rerun = _train([*common, "--workdir", str(killed)])
+    assert rerun.returncode == 0, rerun.stderr
+    a, b = _records(straight), _records(killed)
+    assert [(r["stage"], r["step"]) for r in b] == [(r["stage"], r["step"]) for r in a]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_allclose(np.asarray(y[k], float) if k != "stage" else 0,
+                                       np.asarray(x[k], float) if k != "stage" else 0, rtol=1e-5, err_msg=k)
+    assert json.loads((killed / "results.json").read_text())["final"] == \
+        json.loads((straight / "results.json").read_text())["final"]
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path):
     data = _write_hopper_file(tmp_path / "tiny.hdf5")
     workdir = str(tmp_path / "run")

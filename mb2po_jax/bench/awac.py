@@ -3,7 +3,7 @@ rate and, optionally, a CORL-style PyTorch AWAC (`torch_reference`) timed in the
 
 FLOPs per update (`update_flops`) count the matmuls `awac.update` actually runs, multiply-add = 2 FLOPs,
 B = batch size, actor widths [obs, *hidden, K + 2*K*act] (logits, means and log-stds heads of the K-component
-GMM), critic widths [obs + act, *hidden, 1], twin critics:
+GMM), critic widths [obs + act, *hidden, 1] (K quantiles instead of 1 with --critic quantile), twin critics:
 
   a' ~ pi(.|s')                   actor forward, B rows
   min_j Q'_j(s', a')              target twin critic forward, B rows
@@ -45,7 +45,8 @@ def update_flops(obs_dim: int, act_dim: int, config: awac.AWACConfig) -> dict[st
     """Matmul FLOPs of one `awac.update` (one seed), by part; see the module docstring."""
     b, k = config.batch_size, config.num_components
     actor = [obs_dim, *config.actor_hidden_dims, k + 2 * k * act_dim]
-    critic = [obs_dim + act_dim, *config.critic_hidden_dims, 1]
+    critic = [obs_dim + act_dim, *config.critic_hidden_dims,
+              config.num_quantiles if config.critic == "quantile" else 1]
     return {
         "actor_forward_next_obs": dense_flops(b, actor),
         "target_critic_forward": 2 * dense_flops(b, critic),
@@ -102,6 +103,9 @@ def run(
     repeats: int = 1,
     torch_threads: int = 0,
     torch_steps_per_chunk: int = 0,
+    critic: str = "twin",
+    num_quantiles: int = 32,
+    value_transform: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Time `awac.make_train_steps(steps_per_call)` on `num_seeds` vmapped seeds: best-of calls (at least 3
@@ -112,7 +116,7 @@ def run(
 
     The torch reference is timed the same way (best-of chunks of `torch_steps_per_chunk` updates, by default
     `steps_per_call`) on the same data, one seed, with `torch_threads` intra-op threads (0: torch's
-    default)."""
+    default). `critic`, `num_quantiles` and `value_transform` pick the critic (`mb2po-train`'s flags)."""
     if compare_torch:
         require_torch()
     config = awac.AWACConfig(
@@ -120,6 +124,9 @@ def run(
         critic_hidden_dims=tuple(hidden_dims),
         num_components=num_components,
         batch_size=batch_size,
+        critic=critic,
+        num_quantiles=num_quantiles,
+        value_transform=value_transform,
     )
     arrays = random_dataset(dataset_size, obs_dim, act_dim, seed)
     data = awac.Batch.from_mapping(arrays)
