@@ -171,6 +171,17 @@ def make_config(preset: str, overrides: Mapping[str, Any] | None = None,
     return run.validate()
 
 
+def field_defaults() -> dict[str, Any]:
+    """Flag name -> the dataclass default it overrides (what a run gets from neither preset nor flag)."""
+    out = {f.name: f.default for f in dataclasses.fields(AWACConfig)}
+    out.update({f.name: f.default for f in dataclasses.fields(RunConfig) if f.name not in ("awac", "dynamics", "mb2po")})
+    dyn_fields = {f.name: f.default for f in dataclasses.fields(DynamicsConfig)}
+    out.update({flag: dyn_fields[field] for flag, field in DYNAMICS_FLAGS.items()})
+    mb2po_fields = {f.name: f.default for f in dataclasses.fields(MB2POConfig)}
+    out.update({flag: mb2po_fields[field] for flag, field in MB2PO_FLAGS.items()})
+    return out
+
+
 def to_dict(config: RunConfig) -> dict[str, Any]:
     """JSON-able view (tuples become lists) for config.json and results.json."""
     return dataclasses.asdict(config)

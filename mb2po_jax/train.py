@@ -22,6 +22,7 @@ from mb2po_jax import config as config_lib
 from mb2po_jax.errors import Mb2poError
 
 FLAGS = flags.FLAGS
+_LIBRARY_FLAGS = frozenset(FLAGS)  # defined by absl and the libraries imported above; the rest are ours
 
 flags.DEFINE_string("dataset", None, "D4RL name (hopper-medium-replay-v2), local name "
                     "(hopper-random-local), Minari id, or path to a D4RL-layout HDF5 file. "
@@ -186,7 +187,62 @@ def main(argv):
     return 0
 
 
+# `-h/--help`: this program's flags only, by stage. Flags of this module not named here print under "other".
+HELP_GROUPS = {
+    "data and run": ["dataset", "env", "workdir", "preset", "stages", "seed", "num_seeds", "task_config",
+                     "print_config", "restart_from"],
+    "AWAC": ["awac_steps", "steps_per_call", "batch_size", "actor_lr", "critic_lr", "gamma", "tau", "temperature",
+             "max_weight", "num_components", "actor_hidden_dims", "critic_hidden_dims", "normalize_observations",
+             "critic", "num_quantiles", "value_transform", "value_transform_eps"],
+    "dynamics": ["dynamics_steps", "dynamics_early_stopping", "num_members", "num_elites", "dynamics_hidden_dims",
+                 "dynamics_weight_decay", "dynamics_lr", "dynamics_batch_size", "holdout_fraction", "max_holdout",
+                 "max_epochs_since_improvement"],
+    "MB2PO": ["mb2po_iterations", "imagined_steps", "updates_per_iteration", "num_slots", "omega", "horizon",
+              "penalty_coef", "penalty", "rollout_members", "buffer_dtype", "rollout_chunk_size"],
+    "evaluation and checkpoints": ["eval_every", "eval_episodes", "max_episode_steps", "checkpoint_every",
+                                   "mb2po_eval_every", "mb2po_checkpoint_every"],
+    "devices and hosts": ["cpu_devices", "coordinator_address", "num_processes", "process_id", "distributed"],
+}
+
+
+def _value_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def help_text() -> str:
+    """The grouped help: each flag with its help, its default (the dataclass default where the flag's own
+    default is "take it from the preset") and what each preset sets."""
+    defaults = config_lib.field_defaults()
+    ours = [name for name in FLAGS if name not in _LIBRARY_FLAGS and FLAGS[name].name == name]
+    listed = {name for names in HELP_GROUPS.values() for name in names}
+    groups = {**HELP_GROUPS, "other": sorted(set(ours) - listed)}
+    lines = [f"usage: mb2po-train [--flag=value ...]   (-h/--help: this list; --helpfull: every library's "
+             f"flags; --flagfile=FILE: flags from a file, one per line)", ""]
+    for group, names in groups.items():
+        names = [n for n in names if n in ours]
+        if not names:
+            continue
+        lines.append(f"{group}:")
+        for name in names:
+            flag = FLAGS[name]
+            default = flag.default if flag.default is not None else defaults.get(name)
+            lines.append(f"  --{name}" + (f" (default: {_value_text(default)})" if default is not None else ""))
+            lines.append(f"      {flag.help}")
+            presets = [f"{preset}={_value_text(values[name])}" for preset, values in config_lib.PRESETS.items()
+                       if name in values]
+            if presets:
+                lines.append(f"      presets: {', '.join(presets)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def run():
+    if any(arg in ("-h", "--help", "--helpshort", "-?") for arg in sys.argv[1:]):
+        FLAGS.mark_as_parsed()  # reading defaults needs no command line
+        print(help_text())
+        sys.exit(0)
     app.run(lambda argv: sys.exit(main(argv)))
 
 

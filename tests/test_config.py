@@ -96,3 +96,18 @@ def test_every_preset_uses_the_papers_ensemble_and_mopos_is_a_flagfile():
                                          "rollout_members": flags["rollout_members"],
                                          "penalty": flags["penalty"]})
     assert (cfg.dynamics.num_members, cfg.dynamics.num_elites, cfg.mb2po.rollout_members) == (7, 5, "elites")
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_lists_this_programs_flags_by_stage_with_presets(flag):
+    out = subprocess.run([sys.executable, "-m", "mb2po_jax.train", flag], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    groups = ["data and run:", "AWAC:", "dynamics:", "MB2PO:", "evaluation and checkpoints:", "devices and hosts:"]
+    positions = [text.index(g) for g in groups]
+    assert positions == sorted(positions)
+    assert "--awac_steps (default: 500000)" in text and "presets: smoke=2000, cpu=100000, paper=500000" in text
+    assert "--rollout_members (default: all)" in text and "--critic (default: twin)" in text
+    assert "test_srcdir" not in text and "chex_" not in text  # absltest's and chex's flags stay in --helpfull
+    assert "\nother:" not in text  # every flag of the program sits in a stage group
