@@ -29,8 +29,10 @@ setup(
         "minari": ["minari[hdf5]>=0.5,<0.6"],
         # wheel: tests/test_config.py builds the package offline (pip wheel --no-build-isolation).
         "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6", "wheel", "matplotlib>=3.7"],
-        # Learning curves of `experiments/benchmark.py report`.
+        # Learning curves: `mb2po-plot` and `experiments/benchmark.py report`.
         "plot": ["matplotlib>=3.7"],
+        # `mb2po-eval --video`: imageio's mp4 writer (imageio-ffmpeg ships an ffmpeg binary).
+        "video": ["imageio>=2.9", "imageio-ffmpeg>=0.4"],
         # PyTorch reference implementations, only for `mb2po-bench --compare`.
         "bench": ["torch>=2.2"],
     },
@@ -39,6 +41,8 @@ setup(
             "mb2po-train=mb2po_jax.train:run",
             "mb2po-data=mb2po_jax.data.cli:run",
             "mb2po-bench=mb2po_jax.bench:run",
+            "mb2po-eval=mb2po_jax.eval_cli:run",
+            "mb2po-plot=mb2po_jax.plot:run",
         ]
     },
 )

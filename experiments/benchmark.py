@@ -536,30 +536,20 @@ def summary_line(diffs: list[tuple[str, list[float]]], num_rows: int) -> str:
 
 def plot_curve(plt, name: str, run: dict, path: str) -> None:
     """Normalised score against gradient steps: AWAC's steps, then each MB2PO iteration's AWAC updates."""
+    from mb2po_jax import plot as curves  # the library's curve extraction and drawing (mb2po-plot's)
+
     cfg = run["settings"]
-    awac_steps = cfg.get("awac_steps") or max([e["step"] for e in run["evals"] if e["stage"] == "awac"] or [0])
-    per_iteration = cfg.get("mb2po", {}).get("updates_per_iteration", 1000)
+    awac_steps, per_iteration = curves.stage_boundary(run["evals"], cfg)
     iterations = cfg.get("mb2po", {}).get("iterations")
-    series = {"awac": [], "mb2po": []}
-    for e in run["evals"]:
-        if e["stage"] in series:
-            x = e["step"] if e["stage"] == "awac" else awac_steps + e["step"] * per_iteration
-            series[e["stage"]].append((x, e["normalized_score"]))
-    if series["mb2po"] and series["awac"] and series["awac"][-1][0] == awac_steps:
-        series["mb2po"].insert(0, series["awac"][-1])  # MB2PO starts from AWAC's final policy
+    series = curves.score_series(run["evals"], awac_steps, per_iteration)  # MB2PO's from AWAC's final point
     fig, ax = plt.subplots(figsize=(10, 4.5))
     num_seeds = 0
     for stage, color, label in (("awac", "C0", "AWAC"), ("mb2po", "C1", "AWAC+MB2PO")):
         if not series[stage]:
             continue
-        xs = [x for x, _ in series[stage]]
-        scores = [s for _, s in series[stage]]
-        num_seeds = max(num_seeds, *(len(s) for s in scores))
-        ax.plot(xs, [statistics.fmean(s) for s in scores], color=color, marker="o", markersize=3,
-                label=f"{label}: mean over seeds")
-        if any(len(s) > 1 for s in scores):
-            ax.fill_between(xs, [min(s) for s in scores], [max(s) for s in scores], color=color, alpha=0.2,
-                            linewidth=0, label=f"{label}: min-max over seeds")
+        num_seeds = max(num_seeds, *(len(s) for s in series[stage].values))
+        curves.draw_band(ax, series[stage], color, f"{label}: mean over seeds", f"{label}: min-max over seeds",
+                         marker="o", markersize=3)
     ax.axvline(awac_steps, color="0.3", linestyle="--", linewidth=1)
     for text, ha, dx in (("AWAC on the offline data", "right", -4), ("MB2PO in the model MDP", "left", 4)):
         ax.annotate(text, (awac_steps, 1), xycoords=("data", "axes fraction"), xytext=(dx, -4),

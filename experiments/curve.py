@@ -24,9 +24,15 @@ def curve(workdir: str) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
     if len(argv) != 1:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
+    if not os.path.isfile(os.path.join(argv[0], "metrics.jsonl")):
+        print(f"error: {argv[0]}: no metrics.jsonl (not a mb2po-train workdir?)", file=sys.stderr)
+        return 1
     print("| stage | step | return | normalised score |\n|---|---|---|---|")
     for r in curve(argv[0]):
         ret, norm = r["return"], r["normalized_score"]

@@ -7,6 +7,7 @@ The functional API a researcher needs, importable from the top level:
     state = awac.init_seeds(keys, obs_dim, act_dim, AWACConfig(), Normalizer.fit(data.observations))
     state, metrics = awac.make_train_steps(1000)(state, data) # 1000 fused updates for every seed
     actions = awac.act_seeds(state, obs)                      # deterministic, [S, N, act_dim]
+    policy = load_policy("runs/hmr", stage="mb2po", seed=0)   # a trained workdir's actor: obs -> env action
 """
 
 __version__ = "0.1.0"
@@ -26,10 +27,11 @@ from mb2po_jax.data import (
     write_d4rl_hdf5,
 )
 from mb2po_jax.evaluation import EvalResult, evaluate
+from mb2po_jax.policy import load_policy
 
 __all__ = [
     "awac", "AWACConfig", "AWACState", "Batch", "Normalizer", "act", "act_seeds", "update",
     "Checkpointer", "save_pytree", "load_pytree", "RunConfig", "make_config",
     "Dataset", "Transitions", "load_dataset", "ensure_default_dataset", "env_id_for",
-    "normalized_score", "read_d4rl_hdf5", "write_d4rl_hdf5", "EvalResult", "evaluate",
+    "normalized_score", "read_d4rl_hdf5", "write_d4rl_hdf5", "EvalResult", "evaluate", "load_policy",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping
 
 import chex
@@ -64,10 +65,25 @@ class AWACConfig:
     def __post_init__(self):
         if self.critic not in CRITICS:
             raise ConfigError(f"--critic must be one of {', '.join(CRITICS)}, got {self.critic!r}")
-        if self.num_quantiles < 1:
-            raise ConfigError(f"--num_quantiles must be >= 1, got {self.num_quantiles}")
-        if self.value_transform_eps <= 0:
-            raise ConfigError(f"--value_transform_eps must be positive, got {self.value_transform_eps}")
+        # `not (x > 0)` rather than `x <= 0`: a NaN fails it too.
+        checks = [
+            ("actor_lr", math.isfinite(self.actor_lr) and self.actor_lr >= 0, "a number >= 0"),
+            ("critic_lr", math.isfinite(self.critic_lr) and self.critic_lr >= 0, "a number >= 0"),
+            ("gamma", 0 <= self.gamma < 1, "in [0, 1)"),
+            ("tau", 0 < self.tau <= 1, "in (0, 1]"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature > 0, "positive"),
+            ("max_weight", self.max_weight > 0, "positive"),
+            ("num_components", self.num_components >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("num_quantiles", self.num_quantiles >= 1, ">= 1"),
+            ("value_transform_eps", math.isfinite(self.value_transform_eps) and self.value_transform_eps > 0,
+             "positive"),
+            ("actor_hidden_dims", all(w >= 1 for w in self.actor_hidden_dims), "widths >= 1"),
+            ("critic_hidden_dims", all(w >= 1 for w in self.critic_hidden_dims), "widths >= 1"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"--{name} must be {what}, got {getattr(self, name)}")
 
     @property
     def transform_eps(self) -> float | None:

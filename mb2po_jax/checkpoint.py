@@ -26,16 +26,24 @@ Things orbax does not do that this module does:
   - numpy scalars and python numbers become 0-d arrays and come back as the target's python/numpy type,
   - zero-size arrays (orbax refuses them) are recorded in the layout only and restored as empty arrays,
   - a target whose structure, shapes or dtypes differ from the checkpoint raises `CheckpointMismatchError`
-    (orbax would otherwise cast dtypes and, for numpy targets, ignore shapes).
+    (orbax would otherwise cast dtypes and, for numpy targets, ignore shapes),
+  - every array's checksum is recorded in the layout and checked on restore: orbax reads a flipped byte in
+    an array's data back as a wrong value without complaint. A step that cannot be read or fails its
+    checksums raises `CheckpointDamagedError`; `restore_latest` skips it (moving it aside) for an older one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as pylogging
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -50,6 +58,91 @@ _PLACEHOLDER = "__empty__"
 
 class CheckpointMismatchError(Mb2poError):
     """A checkpoint does not match the pytree it is restored into (different config or code version)."""
+
+
+class CheckpointDamagedError(Mb2poError):
+    """A checkpoint step cannot be read, or its arrays do not match the checksums saved with them."""
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+# sum_i w_i (2 i + 1) mod 2^32 over an array's bytes read as unsigned words w_i (1, 2 or 4 bytes, 8-byte
+# types as two words): any change of one word changes it (odd weights are invertible mod 2^32), and it is
+# a single reduction, done where the array lives (device arrays in one compiled call, numpy on the host).
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
+
+
+def _checksum_host(a: Any) -> int:
+    a = np.ascontiguousarray(a).reshape(-1)
+    if a.dtype == np.bool_:
+        a = a.view(np.uint8)
+    words = a.view(_UINT[a.dtype.itemsize]).astype(np.uint32)
+    weights = 2 * np.arange(words.size, dtype=np.uint32) + 1
+    return int(np.sum(words * weights, dtype=np.uint32))
+
+
+def _checksum_device(x: jax.Array) -> jax.Array:
+    x = x.reshape(-1)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    words = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).reshape(-1).astype(jnp.uint32)
+    weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+_checksums_device = jax.jit(lambda xs: [_checksum_device(x) for x in xs])
+
+
+def _checksums(leaves: list[Any]) -> list[int]:
+    """Checksums of arrays as they are saved (key data, not typed keys): one compiled call per set of
+    devices the jax arrays live on (a collective on several processes: every process calls it)."""
+    out: list[int | None] = [None] * len(leaves)
+    groups: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, jax.Array):
+            groups.setdefault(frozenset(leaf.sharding.device_set), []).append(i)
+        else:
+            out[i] = _checksum_host(leaf)
+    for idx in groups.values():
+        for i, c in zip(idx, _checksums_device([leaves[i] for i in idx])):
+            out[i] = int(np.asarray(c.addressable_data(0)))
+    return out  # type: ignore[return-value]
+
+
+# Reads of a step that fails part-way leave tensorstore reads pending in orbax's closed event loop; when
+# they finish they report "Event loop is closed" (and asyncio "exception was never retrieved") on stderr,
+# at any later moment. Those reports are dropped: the failure itself is reported as CheckpointDamagedError.
+_ABANDONED = ("Event loop is closed", "exception was never retrieved")
+
+
+def _silence_abandoned_reads() -> None:
+    if getattr(sys.unraisablehook, "_mb2po_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not any(text in str(unraisable.exc_value) for text in _ABANDONED):
+            previous(unraisable)
+
+    hook._mb2po_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    pylogging.getLogger("asyncio").addFilter(
+        lambda record: not any(text in record.getMessage() for text in _ABANDONED))
+
+
+@contextlib.contextmanager
+def _orbax_errors_quiet():
+    """orbax logs (absl ERROR) what it cannot parse in a damaged step, besides raising: keep the raise."""
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.FATAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
 def _key_str(entry: Any) -> str:
@@ -136,29 +229,47 @@ class Checkpointer:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True
+        self, directory: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True,
+        read_only: bool = False,
     ):
+        # read_only: only restore; creates, cleans and deletes nothing, so a reader (`mb2po_jax.policy`) can
+        # open the directory of a run that is still saving into it.
         self.directory = os.path.abspath(os.fspath(directory))
         preservation = (
             None if max_to_keep is None else checkpoint_managers.LatestN(n=int(max_to_keep))
         )
         options = ocp.CheckpointManagerOptions(
-            create=True,
-            cleanup_tmp_directories=True,  # leftovers of a save killed mid-way
+            create=not read_only,
+            read_only=read_only,
+            save_interval_steps=0 if read_only else 1,  # 1: orbax's default; read_only warns unless 0
+            # orbax would remove these in a background thread that `close` does not wait for (an early
+            # error then ends the interpreter under it, with a traceback); `_remove_unfinished` does it here.
+            cleanup_tmp_directories=False,
             enable_async_checkpointing=async_save,
-            preservation_policy=preservation,
+            preservation_policy=None if read_only else preservation,
         )
         # Registering the handlers lets a fresh instance (a resumed process) read every item.
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_names=("state", "meta", "layout"),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-                "layout": ocp.JsonCheckpointHandler(),
-            },
-        )
+        with _orbax_errors_quiet():
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_names=("state", "meta", "layout"),
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                    "layout": ocp.JsonCheckpointHandler(),
+                },
+            )
+        if not read_only:
+            self._remove_unfinished()
+
+    def _remove_unfinished(self) -> None:
+        """Deletes the temporary directories of saves killed mid-way (never listed as steps); process 0."""
+        if jax.process_index() != 0:
+            return
+        for name in os.listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     # -- queries ---------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -195,6 +306,8 @@ class Checkpointer:
             if int(np.prod(shape)) > 0:  # orbax refuses zero-size arrays; the layout restores them
                 savable_paths.append(path)
                 savable.append(_to_savable(leaf))
+        for path, checksum in zip(savable_paths, _checksums(savable)):
+            layout["leaves"][path]["checksum"] = checksum
         nested = _nest(savable_paths, savable) if savable else {_PLACEHOLDER: np.zeros((1,), np.int8)}
 
         latest = self.latest_step()
@@ -222,13 +335,15 @@ class Checkpointer:
         )
 
     # -- restore ---------------------------------------------------------------------------------
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+    def restore(self, target: Any, step: int | None = None, *, partial: bool = False) -> tuple[Any, dict]:
         """Restores checkpoint `step` (None: the latest) into the structure of `target`.
 
         `target` is a concrete or abstract (`jax.ShapeDtypeStruct`) pytree with the checkpoint's
         structure, shapes and dtypes; anything else raises `CheckpointMismatchError` naming the leaves.
         Leaves come back as the target's kind: jax arrays (on the target's sharding when it has one,
         else the default device), numpy arrays, or python/numpy scalars. Returns (state, meta).
+        partial: `target` holds only some of the checkpoint's leaves (e.g. {"agent": {"actor_params": ...}}
+        of an MB2PO state, whose model ring then stays on disk): only those are read (orbax's partial restore).
         """
         self._manager.wait_until_finished()
         if step is None:
@@ -240,12 +355,9 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})"
             )
-        small = self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), layout=ocp.args.JsonRestore())
-        )
-        layout, meta = small.layout, small.meta
+        layout, meta = self._read_small(step)
         paths, leaves, treedef = _flatten(target)
-        self._check_matches(step, layout, paths, leaves)
+        self._check_matches(step, layout, paths, leaves, partial=partial)
 
         abstract_paths, abstract = [], []
         for path, leaf in zip(paths, leaves):
@@ -264,10 +376,23 @@ class Checkpointer:
                 abstract.append(np.empty(shape, np.dtype(dtype)))
             abstract_paths.append(path)
         nested = _nest(abstract_paths, abstract) if abstract else {_PLACEHOLDER: np.zeros((1,), np.int8)}
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(nested))
-        ).state
-        values = dict(zip(abstract_paths, _unnest(restored, abstract_paths)))
+        try:
+            with _orbax_errors_quiet():
+                if partial:
+                    restored = self._restore_part(step, nested) if abstract_paths else {}
+                else:
+                    restored = self._manager.restore(
+                        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(nested))
+                    ).state
+            values = dict(zip(abstract_paths, _unnest(restored, abstract_paths)))
+        except Exception as e:  # noqa: BLE001 - whatever orbax/tensorstore raise on unreadable files
+            raise self._damaged(step, _short(e)) from None
+        expected = [layout["leaves"][p].get("checksum") for p in abstract_paths]
+        if any(c is not None for c in expected):  # steps saved before checksums were recorded have none
+            actual = _checksums([values[p] for p in abstract_paths])
+            bad = [p for p, a, c in zip(abstract_paths, actual, expected) if c is not None and a != c]
+            if bad:
+                raise self._damaged(step, f"{len(bad)} array(s) differ from their saved checksums, e.g. {bad[0]}")
 
         out = []
         for path, leaf in zip(paths, leaves):
@@ -291,13 +416,81 @@ class Checkpointer:
             out.append(value)
         return jax.tree_util.tree_unflatten(treedef, out), dict(meta)
 
-    def _check_matches(self, step: int, layout: dict, paths: list[str], leaves: list[Any]) -> None:
+    def _restore_part(self, step: int, nested: dict) -> dict:
+        """The leaves of `nested` (abstract) from step `step`'s state item, and nothing else. The manager's
+        StandardRestore has no partial mode; the item is the same PyTree layout, read here directly."""
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or default)
+                            if isinstance(x, jax.ShapeDtypeStruct) else x, nested)
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+
+    def _read_small(self, step: int) -> tuple[dict, dict]:
+        """(layout, meta) of `step`; CheckpointDamagedError if either is missing or not a JSON object."""
+        try:
+            with _orbax_errors_quiet():
+                small = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), layout=ocp.args.JsonRestore())
+                )
+            layout, meta = small.layout, small.meta
+        except Exception as e:  # noqa: BLE001 - a missing item is a KeyError, unparsable JSON a ValueError
+            raise self._damaged(step, _short(e)) from None
+        if not (isinstance(meta, dict) and isinstance(layout, dict) and isinstance(layout.get("leaves"), dict)):
+            raise self._damaged(step, "its meta or layout is not a JSON object")
+        return layout, meta
+
+    def _damaged(self, step: int, reason: str) -> CheckpointDamagedError:
+        _silence_abandoned_reads()
+        where = os.path.join(self.directory, str(step))
+        return CheckpointDamagedError(f"checkpoint {where} is damaged ({reason})")
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The meta dict of `step` (None: the latest) without reading the arrays."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self._manager.wait_until_finished()
+        return self._read_small(step)[1]
+
+    def restore_latest(self, target: Any, on_damaged: Callable[[str], None]) -> tuple[Any, dict] | None:
+        """`restore` of the newest intact step, or None when there is none. Each damaged step on the way is
+        reported by `on_damaged(message)` and moved aside (`discard`): it is never used, and later saves are
+        not refused as older than it. A `CheckpointMismatchError` (other settings) is raised, not skipped."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(target, step)
+            except CheckpointDamagedError as e:
+                moved = self.discard(step)
+                on_damaged(f"{e}; moved to {moved}, trying the step before it")
+        return None
+
+    def discard(self, step: int) -> str:
+        """Moves step `step` out of the step list, to DIRECTORY/<step>.damaged (process 0 renames it; every
+        process calls this at the same point). Returns the new path."""
+        self._manager.wait_until_finished()
+        source = os.path.join(self.directory, str(step))
+        moved, k = f"{source}.damaged", 0
+        while os.path.exists(moved):
+            k += 1
+            moved = f"{source}.damaged.{k}"
+        if jax.process_index() == 0:
+            os.rename(source, moved)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint discard {source}")
+        self._manager.reload()
+        return moved
+
+    def _check_matches(self, step: int, layout: dict, paths: list[str], leaves: list[Any],
+                       partial: bool = False) -> None:
         where = f"checkpoint {self.directory}/{step}"
         if layout.get("format") != _FORMAT_VERSION:
             raise CheckpointMismatchError(f"{where}: unknown layout format {layout.get('format')!r}")
         saved = layout["leaves"]
         missing = [p for p in paths if p not in saved]
-        extra = [p for p in saved if p not in set(paths)]
+        extra = [] if partial else [p for p in saved if p not in set(paths)]
         if missing or extra:
             raise CheckpointMismatchError(
                 f"{where} has a different structure than the target: "

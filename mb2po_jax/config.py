@@ -58,8 +58,6 @@ class RunConfig:
                     f"--{name}={getattr(self, name)} must be a multiple of "
                     f"--steps_per_call={self.steps_per_call} (updates are fused per compiled call)"
                 )
-        if self.awac.batch_size <= 0:
-            raise ConfigError(f"--batch_size must be positive, got {self.awac.batch_size}")
         return self
 
 
@@ -180,6 +178,17 @@ def field_defaults() -> dict[str, Any]:
     mb2po_fields = {f.name: f.default for f in dataclasses.fields(MB2POConfig)}
     out.update({flag: mb2po_fields[field] for flag, field in MB2PO_FLAGS.items()})
     return out
+
+
+def flag_name(section: str, field: str) -> str:
+    """The flag that sets `field` of a config section ("awac", "dynamics", "mb2po", or "" for RunConfig
+    and the run's identity: dataset, env), e.g. --dynamics_lr for ("dynamics", "learning_rate"); a field
+    no flag sets is named section.field."""
+    names = {"dynamics": {v: k for k, v in DYNAMICS_FLAGS.items()},
+             "mb2po": {v: k for k, v in MB2PO_FLAGS.items()}}.get(section)
+    if names is None:  # AWAC and run fields are their flags' names
+        return f"--{field}"
+    return f"--{names[field]}" if field in names else f"{section}.{field}"
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

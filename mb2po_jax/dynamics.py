@@ -78,21 +78,36 @@ class DynamicsConfig:
 
     def __post_init__(self):
         if self.num_members < 1:
-            raise ConfigError(f"dynamics: num_members must be >= 1, got {self.num_members}")
+            raise ConfigError(f"--num_members must be >= 1, got {self.num_members}")
         if not 1 <= self.num_elites <= self.num_members:
             raise ConfigError(
-                f"dynamics: num_elites must be in [1, num_members={self.num_members}], got {self.num_elites}"
+                f"--num_elites must be in [1, --num_members={self.num_members}], got {self.num_elites}"
             )
         if len(self.weight_decay) != len(self.hidden_dims) + 1:
             raise ConfigError(
                 f"dynamics: weight_decay needs one value per layer ({len(self.hidden_dims) + 1} for "
                 f"hidden_dims={self.hidden_dims}), got {len(self.weight_decay)}"
             )
-        if self.batch_size < 1 or not 0.0 < self.holdout_fraction < 1.0 or self.max_holdout < 1:
-            raise ConfigError(
-                f"dynamics: need batch_size >= 1, 0 < holdout_fraction < 1, max_holdout >= 1; got "
-                f"{self.batch_size}, {self.holdout_fraction}, {self.max_holdout}"
-            )
+        # Named by their flags (config.DYNAMICS_FLAGS); comparisons written so that NaN fails them too.
+        checks = [
+            ("--dynamics_lr", self.learning_rate, math.isfinite(self.learning_rate) and self.learning_rate >= 0,
+             "a number >= 0"),
+            ("--dynamics_weight_decay", self.weight_decay,
+             all(math.isfinite(w) and w >= 0 for w in self.weight_decay), "numbers >= 0"),
+            ("--dynamics_hidden_dims", self.hidden_dims, all(w >= 1 for w in self.hidden_dims), "widths >= 1"),
+            ("--dynamics_batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("--holdout_fraction", self.holdout_fraction, 0.0 < self.holdout_fraction < 1.0, "in (0, 1)"),
+            ("--max_holdout", self.max_holdout, self.max_holdout >= 1, ">= 1"),
+            ("--max_epochs_since_improvement", self.max_epochs_since_improvement,
+             self.max_epochs_since_improvement >= 1, ">= 1"),
+            ("dynamics: improvement_threshold", self.improvement_threshold,
+             0.0 <= self.improvement_threshold < 1.0, "in [0, 1)"),
+            ("dynamics: logvar_loss_coef", self.logvar_loss_coef,
+             math.isfinite(self.logvar_loss_coef) and self.logvar_loss_coef >= 0, "a number >= 0"),
+        ]
+        for name, value, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {what}, got {value}")
 
 
 class DynamicsState(struct.PyTreeNode):

@@ -11,3 +11,11 @@ class DataError(Mb2poError):
 
 class ConfigError(Mb2poError):
     """A configuration (flags, preset, memory budget) cannot be run."""
+
+
+class WorkdirError(Mb2poError):
+    """A workdir cannot be used: in use by another process, not a directory, or one of its files damaged."""
+
+
+class DivergedError(Mb2poError):
+    """Training produced a non-finite loss or parameter; the newest checkpoint is the last finite state."""

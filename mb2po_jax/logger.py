@@ -5,7 +5,8 @@ metrics.jsonl holds one JSON object per line, `{"stage", "step", "time", **metri
   - NaN and +-inf, which JSON cannot represent, are written as `null` (pandas reads null back as NaN),
   - strings, bools, None and nested dicts of these are written as they are.
 Each line is flushed when written, so a crash loses at most the line being written; a torn last line left
-by a crash is cut off when the file is opened again (a resumed run appends after complete lines only).
+by a crash is cut off when the file is opened again (a resumed run appends after complete lines only). Any
+other line that is not a JSON object (damage no crash of ours leaves) is refused when the file is opened.
 
 TensorBoard event files are written by the few lines below instead of by tensorboard/tensorflow, so the
 library has no TensorFlow dependency: an event file is TFRecord framing (uint64 length, masked CRC32C of
@@ -25,6 +26,8 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 import numpy as np
+
+from mb2po_jax.errors import WorkdirError
 
 _RESERVED = ("stage", "step", "time")
 _MAX_SEEDS_PER_TAG = 8  # above this, only the mean over seeds goes to TensorBoard
@@ -204,6 +207,22 @@ def _drop_torn_last_line(path: str) -> None:
             f.truncate(keep)
 
 
+def _check_records(path: str) -> None:
+    """WorkdirError naming the first line of `path` that is not a UTF-8 JSON object."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                ok = isinstance(json.loads(line.decode("utf-8")), dict)
+            except ValueError:  # UnicodeDecodeError, JSONDecodeError
+                ok = False
+            if not ok:
+                raise WorkdirError(
+                    f"{path}: line {number} is not a JSON record (the file is damaged); move the file aside "
+                    "to start a new one, or delete the damaged lines, and rerun")
+
+
 class MetricsWriter:
     """Writes metrics to WORKDIR/metrics.jsonl and (optionally) WORKDIR/tensorboard/ event files.
 
@@ -214,8 +233,13 @@ class MetricsWriter:
         self.workdir = os.fspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
-        _drop_torn_last_line(self.jsonl_path)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        try:
+            _drop_torn_last_line(self.jsonl_path)
+            _check_records(self.jsonl_path)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        except OSError as e:
+            raise WorkdirError(f"{self.jsonl_path}: cannot be used as the metrics file ({e.strerror or e}); "
+                               "move it aside and rerun") from None
         self._events = EventFileWriter(os.path.join(self.workdir, "tensorboard")) if tensorboard else None
 
     def write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,9 @@ class MB2POConfig:
             )
         if not 0.0 <= self.omega <= 1.0:
             raise ConfigError(f"mb2po: omega (fraction of real data per batch) must be in [0, 1], got {self.omega}")
+        if not (math.isfinite(self.penalty_coef) and self.penalty_coef >= 0):  # NaN fails too
+            raise ConfigError(f"--penalty_coef must be a number >= 0 (a negative lambda would reward the "
+                              f"models' uncertainty), got {self.penalty_coef}")
         self.rollout_config()  # validates penalty, chunk size
         buf.BufferConfig(1, 1, dtype=self.buffer_dtype)  # validates dtype
 

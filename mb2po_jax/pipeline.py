@@ -3,13 +3,15 @@
 Host-side orchestration only: it loads data, calls the compiled training functions of each stage, and
 handles files (config.json, metrics.jsonl, checkpoints/<stage>/, results.json), evaluation and signals.
 
+    WORKDIR/.lock             flock'ed by the process using the workdir (its PID inside); a second is refused
     WORKDIR/config.json       the settings the run was started with (a rerun must agree on them)
     WORKDIR/metrics.jsonl     one JSON object per line: {"stage", "step", ...}; evaluations add
                               "return" and "normalized_score" (lists over seeds)
     WORKDIR/tensorboard/      the same metrics as TensorBoard event files
     WORKDIR/checkpoints/awac  orbax checkpoints of the full training state, one directory per stage
     WORKDIR/checkpoints/dynamics, WORKDIR/checkpoints/mb2po
-    WORKDIR/results.json      written once, when every requested stage has finished
+    WORKDIR/results.json      written when every requested stage has finished: the final scores of every
+                              finished stage in the workdir, those of stages not rerun included
 
 Stages: `awac` (pretraining on D_beta), `dynamics` (one ensemble per seed, trained epoch by epoch with
 early stopping), `mb2po` (Algorithm 1, one compiled call per iteration). A later stage starts from the
@@ -21,18 +23,27 @@ code on the same workdir (a filesystem all hosts see). States are global arrays 
 its own shards (`sharding`); every process takes part in each checkpoint save and restore (orbax writes
 each process's shards), reads training metrics through a collective (`sharding.to_host`), evaluates the
 seeds it holds, and agrees on stopping after a signal. Process 0 alone writes config.json, metrics.jsonl,
-TensorBoard files and results.json, and prints progress.
+TensorBoard files and results.json, holds the workdir's lock, and prints progress.
+
+What a run's record survives: a kill at any moment (rerun: metrics.jsonl and the checkpoints are those of an
+uninterrupted run), a damaged newest checkpoint (skipped with a warning, moved aside, the run resumes from
+the step before it), a second process on the workdir (refused), and divergence (the run stops at the first
+non-finite loss or parameter, before saving it).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -42,10 +53,10 @@ from jax.sharding import Mesh
 
 from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, sharding
 from mb2po_jax.termination import termination_fn_for
-from mb2po_jax.checkpoint import Checkpointer
+from mb2po_jax.checkpoint import CheckpointDamagedError, Checkpointer
 from mb2po_jax.data import DEFAULT_DATASET, ensure_default_dataset, load_dataset, normalized_score
 from mb2po_jax.data.envs import env_spaces
-from mb2po_jax.errors import ConfigError
+from mb2po_jax.errors import ConfigError, DivergedError, WorkdirError
 from mb2po_jax.evaluation import evaluate
 from mb2po_jax.logger import MetricsWriter, Progress
 
@@ -140,39 +151,153 @@ def _to_list(x) -> list[float]:
     return [float(v) for v in np.asarray(x).reshape(-1)]
 
 
+def _differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(flag, old value, new value) of every setting that differs between two recorded identities. A key
+    only one of them has (a field a workdir of another version did not record) is not compared."""
+    out = []
+    for key in IDENTITY_FIELDS:
+        if key not in old or key not in new:
+            continue
+        a, b = old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):  # a config section: its fields one by one
+            out += [(config_lib.flag_name(key, f), a[f], b[f]) for f in b if f in a and a[f] != b[f]]
+        elif a != b:
+            out.append((f"--{key}", a, b))
+    return out
+
+
+def _make_workdir(path: str) -> bool:
+    """Creates `path` if needed; returns whether it was created. WorkdirError if it cannot be a workdir."""
+    if os.path.isdir(path):
+        return False
+    if os.path.exists(path):
+        raise WorkdirError(f"--workdir {path} is a file, not a directory; choose another --workdir")
+    try:
+        os.makedirs(path)
+    except FileExistsError:  # another process made it in between
+        return False
+    except OSError as e:
+        raise WorkdirError(f"--workdir {path} cannot be created ({e.strerror or e}); choose another --workdir")
+    return True
+
+
+class _WorkdirLock:
+    """An exclusive flock on WORKDIR/.lock, with the holder's PID written in the file. The OS releases it
+    when the process ends, however it ends, so a killed run never blocks a rerun; a second live process is
+    refused at once, by name. `release()` (or garbage collection) closes the descriptor, which drops the
+    lock; the file stays, as removing it would race a process about to lock it."""
+
+    def __init__(self, workdir: str, log: Callable[[str], None]):
+        self.path = os.path.join(workdir, ".lock")
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WorkdirError(f"{self.path}: cannot open the workdir's lock file ({e.strerror or e}); "
+                               "check the --workdir's permissions") from None
+        self.release = weakref.finalize(self, os.close, self._fd)  # closing the descriptor drops the lock
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            self.release()
+            raise WorkdirError(f"{workdir} is in use by process {holder} (it holds {self.path}); wait for it "
+                               "to end or stop it, or use another --workdir") from None
+        except OSError as e:  # a filesystem without locks: run, but say what is not guarded
+            log(f"warning: cannot lock {self.path} ({e.strerror or e}); nothing stops a second process "
+                "from using this workdir at the same time")
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+    def _holder(self) -> str:
+        """'PID on host H' from the lock file (its holder may be a moment away from writing it)."""
+        for _ in range(40):
+            text = os.pread(self._fd, 256, 0).decode(errors="replace").split()
+            if len(text) >= 2:
+                return f"{text[0]} on host {text[1]}"
+            time.sleep(0.05)
+        return "another process"
+
+
+def _first_nonfinite(metrics: dict, seed: int) -> str | None:
+    """'name is nan' for the first floating metric ([S, ...] arrays) not finite for `seed`, else None."""
+    for name, value in metrics.items():
+        v = np.asarray(value)
+        if v.dtype.kind == "f":
+            bad = v[seed][~np.isfinite(v[seed])]
+            if bad.size:
+                return f"{name} is {bad.reshape(-1)[0]}"
+    return None
+
+
+def _has_steps(directory: str) -> bool:
+    """Whether a stage's checkpoint directory holds a step (without creating it, as a Checkpointer would)."""
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+@jax.jit
+def _finite_seeds(tree) -> jax.Array:
+    """[S] bool: every floating leaf of the [S]-leading `tree` finite, per seed (one reduction per leaf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    per_leaf = [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in leaves]
+    return jnp.stack(per_leaf).all(axis=0)
+
+
 _act_seeds = jax.jit(awac.act_seeds)  # deterministic evaluation actions, state [S], obs [S, N, o]
 
 
 class Run:
-    """One `mb2po-train` invocation over a workdir. layout: (mesh, rollout mesh) as `sharding.cpu_layout`
-    gives them; default: `sharding.run_mesh(num_seeds)` over every device, and no rollout mesh."""
+    """One `mb2po-train` invocation over a workdir, which it holds (WORKDIR/.lock) until `__call__` returns
+    or `close()`. layout: (mesh, rollout mesh) as `sharding.cpu_layout` gives them; default:
+    `sharding.run_mesh(num_seeds)` over every device, and no rollout mesh. restart_from: a stage whose
+    checkpoints, results and metrics are deleted, with those of the stages after it, before the run."""
 
     def __init__(self, workdir: str, dataset: str | None, env: str | None, config: config_lib.RunConfig,
                  *, preset: str = "custom", log: Callable[[str], None] | None = None,
-                 layout: tuple[Mesh | None, Mesh | None] | None = None):
+                 layout: tuple[Mesh | None, Mesh | None] | None = None, restart_from: str | None = None):
         self.workdir = os.path.abspath(workdir)
         self.config = config.validate()
+        if restart_from is not None and restart_from not in config_lib.STAGES:
+            raise ConfigError(f"--restart_from={restart_from} is not one of {','.join(config_lib.STAGES)}")
+        self.restarted = (() if restart_from is None
+                          else config_lib.STAGES[config_lib.STAGES.index(restart_from):])
         self.preset = preset
         self.is_chief = jax.process_index() == 0  # the one process that writes files and prints
         log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.log = log if self.is_chief else (lambda msg: None)
         self.stop = _StopFlag()
-        if dataset is None:
-            ensure_default_dataset()
-            dataset = DEFAULT_DATASET
-        self.dataset = load_dataset(dataset, env)  # validated before any work
-        self.env_id = self.dataset.env_id
-        spaces = env_spaces(self.env_id)
-        self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
-        self.mesh, self.rollout_mesh = layout or (sharding.run_mesh(self.config.num_seeds), None)
-        if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
-            self.available_bytes = mb2po.available_device_bytes()
-            self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
-                                           self.config.num_seeds, self.available_bytes,
-                                           share=self._memory_share())
-        os.makedirs(self.workdir, exist_ok=True)
-        self._check_config(dataset, env)
+        created = _make_workdir(self.workdir)
+        self._lock = _WorkdirLock(self.workdir, self.log) if self.is_chief else None  # before any work
+        try:
+            if dataset is None:
+                ensure_default_dataset()
+                dataset = DEFAULT_DATASET
+            self.dataset = load_dataset(dataset, env)  # validated before any work
+            self.env_id = self.dataset.env_id
+            spaces = env_spaces(self.env_id)
+            self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
+            self.mesh, self.rollout_mesh = layout or (sharding.run_mesh(self.config.num_seeds), None)
+            if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
+                self.available_bytes = mb2po.available_device_bytes()
+                self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
+                                               self.config.num_seeds, self.available_bytes,
+                                               share=self._memory_share())
+            identity = self._check_config(dataset, env)
+            self._check_later_stages()
+            if self.is_chief:  # recorded once every check has passed
+                _write_json_atomic(os.path.join(self.workdir, "config.json"), {
+                    "identity": identity, "preset": self.preset, "config": config_lib.to_dict(self.config),
+                    "dataset_path": self.dataset.path})
+        except BaseException:
+            self.close()
+            if created and self.is_chief and os.listdir(self.workdir) == [".lock"]:  # leave nothing behind
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+
+    def close(self) -> None:
+        """Releases the workdir (done by `__call__`; for a Run that is never called)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # ----------------------------------------------------------------------------------------- set-up
     def _memory_share(self) -> float:
@@ -192,31 +317,111 @@ class Run:
                 "num_seeds": cfg["num_seeds"], "awac": cfg["awac"], "dynamics": cfg["dynamics"],
                 "mb2po": schedule_free}
 
-    def _check_config(self, dataset_arg: str, env_arg: str | None) -> None:
+    def _check_config(self, dataset_arg: str, env_arg: str | None) -> dict:
+        """Refuses settings that differ from those the workdir's checkpoints were made with (naming each
+        differing setting with both values); returns this run's identity, for config.json."""
         path = os.path.join(self.workdir, "config.json")
         identity = json.loads(json.dumps(self._identity(dataset_arg, env_arg)))  # tuples -> lists
         if os.path.exists(path):
-            with open(path) as f:
-                previous = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    previous = json.load(f)
+                if not isinstance(previous, dict) or not isinstance(previous.get("identity", {}), dict):
+                    raise ValueError("not a JSON object with an 'identity' object")
+            except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise WorkdirError(
+                    f"{path} is damaged ({' '.join(str(e).split())}): it records the settings this workdir's "
+                    "checkpoints were made with; restore it, or delete it and rerun with the original settings"
+                ) from None
             # Fields a workdir of an older version did not record are not compared.
-            diffs = [k for k in IDENTITY_FIELDS
-                     if k in previous.get("identity", {}) and previous["identity"][k] != identity[k]]
+            diffs = _differences(previous.get("identity", {}), identity)
             if diffs:
-                details = "; ".join(
-                    f"{k}: was {previous['identity'].get(k)!r}, now {identity[k]!r}" for k in diffs
-                )
+                shown = "; ".join(f"{name}: was {old!r}, now {new!r}" for name, old, new in diffs[:8])
+                more = f"; and {len(diffs) - 8} more" if len(diffs) > 8 else ""
                 raise ConfigError(
-                    f"{self.workdir} holds a run with other settings ({details}); "
+                    f"{self.workdir} holds a run with other settings ({shown}{more}); "
                     "use a new --workdir or the original settings"
                 )
-        if not self.is_chief:
+        return identity
+
+    def _stage_dir(self, stage: str) -> str:
+        return os.path.join(self.workdir, "checkpoints", stage)
+
+    def _stage_meta(self, stage: str) -> dict | None:
+        """The meta of a stage's newest checkpoint, or None (no checkpoint, or the newest one is damaged:
+        restoring the stage reports it then)."""
+        if not _has_steps(self._stage_dir(stage)):
+            return None
+        ckpt = Checkpointer(self._stage_dir(stage))
+        try:
+            return ckpt.read_meta()
+        except CheckpointDamagedError:
+            return None
+        finally:
+            ckpt.close()
+
+    def _check_later_stages(self) -> None:
+        """MB2PO starts from the finished AWAC state; training AWAC on after MB2PO ran would leave an MB2PO
+        checkpoint and result made from an AWAC state the workdir no longer has. Refused before any work,
+        unless --restart_from deletes the MB2PO stage. (A finished dynamics stage is never trained on.)"""
+        cfg = self.config
+        if "awac" not in cfg.stages or "awac" in self.restarted or "mb2po" in self.restarted:
             return
-        _write_json_atomic(path, {
-            "identity": identity,
-            "preset": self.preset,
-            "config": config_lib.to_dict(self.config),
-            "dataset_path": self.dataset.path,
-        })
+        meta = self._stage_meta("awac")
+        if meta is None or int(meta.get("step", 0)) >= cfg.awac_steps or not _has_steps(self._stage_dir("mb2po")):
+            return
+        step = int(meta["step"])
+        raise ConfigError(
+            f"--awac_steps={cfg.awac_steps} would train the AWAC stage on from step {step}, but the mb2po stage "
+            f"in {self.workdir} was trained from that AWAC state: add --restart_from=mb2po to delete the mb2po "
+            f"stage's checkpoints and results (rerun it after AWAC), or keep --awac_steps={step}"
+        )
+
+    def _restart(self, writer: MetricsWriter) -> None:
+        """--restart_from: deletes the checkpoints, results.json entries and metrics.jsonl records of the
+        restarted stages (TensorBoard's event files keep theirs)."""
+        if not self.restarted:
+            return
+        if self.is_chief:
+            for stage in self.restarted:
+                shutil.rmtree(self._stage_dir(stage), ignore_errors=True)
+            path = os.path.join(self.workdir, "results.json")
+            if os.path.exists(path):
+                with contextlib.suppress(OSError, ValueError):  # a damaged one is rewritten at the end
+                    with open(path, encoding="utf-8") as f:
+                        results = json.load(f)
+                    for stage in self.restarted:
+                        results.get("final", {}).pop(stage, None)
+                    _write_json_atomic(path, results)
+        for stage in self.restarted:
+            writer.truncate(stage, -1)
+        sharding.any_process(False)  # every process waits for the deletion
+        self.log(f"--restart_from={self.restarted[0]}: deleted the checkpoints, results and metrics of "
+                 f"{', '.join(self.restarted)}")
+
+    def _restore(self, ckpt: Checkpointer, target, stage: str):
+        """(state, meta) of the stage's newest intact checkpoint, or None; each damaged step skipped is
+        reported in one warning line."""
+        return ckpt.restore_latest(target, lambda message: self.log(f"warning: [{stage}] {message}"))
+
+    def _check_finite(self, stage: str, unit: str, step: int, metrics: dict, params, ckpt: Checkpointer,
+                      hint: str) -> None:
+        """Stops the run at the first non-finite training metric or parameter of any seed, before anything
+        of this call is saved: the newest checkpoint stays the last finite state."""
+        finite = sharding.to_host(_finite_seeds(params))
+        for seed in range(self.config.num_seeds):
+            what = _first_nonfinite(metrics, seed) or (None if finite[seed] else "parameters are not finite")
+            if what is None:
+                continue
+            ckpt.wait()
+            last = ckpt.latest_step()
+            kept = ("no checkpoint was saved" if last is None
+                    else f"the newest checkpoint, {os.path.join(ckpt.directory, str(last))}, is the last "
+                    "finite state")
+            raise DivergedError(
+                f"[{stage}] training diverged at {unit} {step}: seed {seed}'s {what}; {kept}. {hint} in a new "
+                "--workdir (a rerun here would repeat it)"
+            )
 
     # ------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, agents: awac.AWACState) -> dict[str, list[float]]:
@@ -249,21 +454,25 @@ class Run:
         return sharding.any_process(self.stop.signal is not None)
 
     def _end_of_call(self, stage: str, unit: str, writer: MetricsWriter, ckpt: Checkpointer, state, step: int,
-                     *, done: bool, eval_due: bool, save_due: bool, agents: awac.AWACState) -> dict | None:
-        """After one compiled call of a stage's loop: evaluate `agents` when due (the last evaluation is the
-        stage's final score, returned), checkpoint when due, at the end or on a signal, then stop on a
-        signal. The checkpoint meta is {unit: step, "final": scores or None}."""
+                     *, metrics: dict, params, hint: str, done: bool, eval_due: bool, save_due: bool,
+                     agents: awac.AWACState) -> dict | None:
+        """After one compiled call of a stage's loop: stop if a metric or one of `params` is not finite
+        (nothing of this call saved), evaluate `agents` when due (the last evaluation is the stage's final
+        score, returned), checkpoint when due or at the end, and stop, with a checkpoint of this call, on a
+        signal received at any moment up to here. The checkpoint meta is {unit: step, "final": scores or
+        None}."""
+        self._check_finite(stage, unit, step, metrics, params, ckpt, hint)
         final = None
-        stopping = self._stopping()
         if eval_due or done:
             scores = self._evaluate(agents)
             writer.write(stage, step, scores)
             self.log(f"[{stage}] {unit} {step}: return {np.mean(scores['return']):.1f}, "
                      f"normalized {np.mean(scores['normalized_score']):.1f}")
             final = scores if done else None
-        if save_due or done or stopping:
+        if save_due or done:
             ckpt.save(step, state, {unit: step, "final": final})
-        if stopping and not done:
+        if self._stopping() and not done:  # asked last, so a signal during the evaluation counts
+            ckpt.save(step, state, {unit: step, "final": final})  # (skipped when saved just above)
             ckpt.wait()
             raise Stopped(f"[{stage}] stopped at {unit} {step}; checkpoint saved in {ckpt.directory}; "
                           "rerun the same command to resume")
@@ -291,22 +500,23 @@ class Run:
 
     def run_awac(self, writer: MetricsWriter) -> tuple[awac.AWACState, dict]:
         cfg = self.config
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "awac"))
-        state, step, final = self.init_awac(), 0, None
-        if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(state)  # into the placed state: each process reads its shards
-            step, final = int(meta["step"]), meta.get("final")
-            self.log(f"[awac] resuming from step {step} ({ckpt.latest_step()})")
-        writer.truncate("awac", step)  # records after the checkpoint are redone (all of them without one)
-        if final is not None and step >= cfg.awac_steps:
-            self.log(f"[awac] already finished ({step} steps)")
-            ckpt.close()
-            return state, final
-
-        data = self._device_dataset()
-        train = awac.make_train_steps(cfg.steps_per_call)
-        progress = self._progress(cfg.awac_steps, "awac", start_step=step)
+        ckpt = Checkpointer(self._stage_dir("awac"))
+        progress = None
         try:
+            state, step, final = self.init_awac(), 0, None
+            restored = self._restore(ckpt, state, "awac")  # into the placed state: each process its shards
+            if restored is not None:
+                state, meta = restored
+                step, final = int(meta["step"]), meta.get("final")
+                self.log(f"[awac] resuming from step {step}")
+            writer.truncate("awac", step)  # records after the checkpoint are redone (all without one)
+            if final is not None and step >= cfg.awac_steps:
+                self.log(f"[awac] already finished ({step} steps)")
+                return state, final
+
+            data = self._device_dataset()
+            train = awac.make_train_steps(cfg.steps_per_call)
+            progress = self._progress(cfg.awac_steps, "awac", start_step=step)
             while step < cfg.awac_steps:
                 t0 = time.perf_counter()
                 state, metrics = train(state, data)
@@ -316,24 +526,26 @@ class Run:
                 writer.write("awac", step, {**metrics, "updates_per_s": rate})
                 progress.update(step, critic_loss=float(np.mean(metrics["critic_loss"])))
                 final = self._end_of_call(
-                    "awac", "step", writer, ckpt, state, step, done=step >= cfg.awac_steps,
+                    "awac", "step", writer, ckpt, state, step, metrics=metrics, params=state,
+                    hint="Lower --actor_lr/--critic_lr", done=step >= cfg.awac_steps,
                     eval_due=step % cfg.eval_every == 0, save_due=step % cfg.checkpoint_every == 0,
                     agents=state) or final
         finally:
-            ckpt.wait()
-            ckpt.close()
-            progress.close()
+            ckpt.close()  # waits for a save in flight
+            if progress is not None:
+                progress.close()
         return state, final
 
     def _finished_awac(self) -> awac.AWACState:
         """The finished AWAC stage's state (what the later stages start from)."""
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "awac"))
+        ckpt = Checkpointer(self._stage_dir("awac"))
         try:
-            if ckpt.latest_step() is None:
-                raise ConfigError(f"{self.workdir}: no AWAC checkpoint; run --stages=awac first")
-            state, meta = ckpt.restore(self.init_awac())
+            restored = self._restore(ckpt, self.init_awac(), "awac")
         finally:
             ckpt.close()
+        if restored is None:
+            raise ConfigError(f"{self.workdir}: no AWAC checkpoint; run --stages=awac first")
+        state, meta = restored
         if meta.get("final") is None or int(meta["step"]) < self.config.awac_steps:
             raise ConfigError(f"{self.workdir}: the AWAC stage is not finished ({meta['step']} of "
                               f"{self.config.awac_steps} steps); run --stages=awac first")
@@ -361,40 +573,40 @@ class Run:
         cfg = self.config
         dcfg = cfg.dynamics
         state, data, keys = self.init_dynamics()
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "dynamics"))
-        done = False
-        if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(state)
-            done = bool(meta.get("done"))
-            epoch, updates = (int(np.max(x)) for x in sharding.to_host((state.epoch, state.step)))
-            self.log(f"[dynamics] resuming after epoch {epoch} ({updates} updates)")
-        else:
-            updates = 0
-        writer.truncate("dynamics", updates)
-        if done:
-            self.log("[dynamics] already finished")
-            ckpt.close()
-            return dyn.restore_best(state)
-
-        epoch_fn = dyn.make_train_epoch_seeds(dcfg)
-        num_train = data["bootstrap"].shape[-1]
-        self.log(f"[dynamics] {cfg.num_seeds} seed(s) x {dcfg.num_members} members, {num_train} training / "
-                 f"{data['holdout_targets'].shape[1]} holdout transitions, {num_train // dcfg.batch_size} "
-                 f"updates per epoch, budget {cfg.dynamics_steps} updates")
-        def counters(state):  # the host's view of the [S] counters (a collective on several processes)
-            return sharding.to_host({"since": state.epochs_since_improvement, "updates": state.step,
-                                     "epoch": state.epoch, "best_holdout_mse": state.best_holdout_mse,
-                                     "elites": state.elites})
-
-        def stopped(c):
-            early = (c["since"] >= dcfg.max_epochs_since_improvement if cfg.dynamics_early_stopping
-                     else False)
-            return early | (c["updates"] >= cfg.dynamics_steps)
-
-        c = counters(state)
-        progress = self._progress(cfg.dynamics_steps, "dynamics", start_step=int(np.min(c["updates"])),
-                                  min_interval_s=0.0)
+        ckpt = Checkpointer(self._stage_dir("dynamics"))
+        progress = None
         try:
+            done, updates = False, 0
+            restored = self._restore(ckpt, state, "dynamics")
+            if restored is not None:
+                state, meta = restored
+                done = bool(meta.get("done"))
+                epoch, updates = (int(np.max(x)) for x in sharding.to_host((state.epoch, state.step)))
+                self.log(f"[dynamics] resuming after epoch {epoch} ({updates} updates)")
+            writer.truncate("dynamics", updates)
+            if done:
+                self.log("[dynamics] already finished")
+                return dyn.restore_best(state)
+
+            epoch_fn = dyn.make_train_epoch_seeds(dcfg)
+            num_train = data["bootstrap"].shape[-1]
+            self.log(f"[dynamics] {cfg.num_seeds} seed(s) x {dcfg.num_members} members, {num_train} training "
+                     f"/ {data['holdout_targets'].shape[1]} holdout transitions, {num_train // dcfg.batch_size} "
+                     f"updates per epoch, budget {cfg.dynamics_steps} updates")
+
+            def counters(state):  # the host's view of the [S] counters (a collective on several processes)
+                return sharding.to_host({"since": state.epochs_since_improvement, "updates": state.step,
+                                         "epoch": state.epoch, "best_holdout_mse": state.best_holdout_mse,
+                                         "elites": state.elites})
+
+            def stopped(c):
+                early = (c["since"] >= dcfg.max_epochs_since_improvement if cfg.dynamics_early_stopping
+                         else False)
+                return early | (c["updates"] >= cfg.dynamics_steps)
+
+            c = counters(state)
+            progress = self._progress(cfg.dynamics_steps, "dynamics", start_step=int(np.min(c["updates"])),
+                                      min_interval_s=0.0)
             while not np.all(stopped(c)):
                 budget = np.where(stopped(c), 0, cfg.dynamics_steps - c["updates"]).astype(np.int32)
                 epoch_keys = jax.vmap(jax.random.fold_in)(keys, state.epoch)
@@ -409,16 +621,17 @@ class Run:
                 })
                 progress.update(step, holdout_mse=float(np.mean(metrics["holdout_mse"])),
                                 stopped=f"{int(np.sum(stopped(c)))}/{cfg.num_seeds}")
-                stopping = self._stopping()
+                self._check_finite("dynamics", "update", step, metrics, (state.params, state.opt_state), ckpt,
+                                   "Lower --dynamics_lr")
                 ckpt.save(int(np.max(c["epoch"])), state, {"done": done})
-                if stopping and not done:
+                if self._stopping() and not done:  # asked after the save: a signal up to here counts
                     ckpt.wait()
                     raise Stopped(f"[dynamics] stopped after epoch {int(np.max(c['epoch']))}; checkpoint "
                                   f"saved in {ckpt.directory}; rerun the same command to resume")
         finally:
-            ckpt.wait()
-            ckpt.close()
-            progress.close()
+            ckpt.close()  # waits for a save in flight
+            if progress is not None:
+                progress.close()
         best = np.min(c["best_holdout_mse"], axis=-1)
         self.log(f"[dynamics] done: best holdout MSE per seed [{', '.join(f'{x:.4g}' for x in best)}], "
                  f"elites {c['elites'].tolist()}")
@@ -426,13 +639,14 @@ class Run:
 
     def _finished_dynamics(self) -> dyn.DynamicsState:
         state, _, _ = self.init_dynamics()
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "dynamics"))
+        ckpt = Checkpointer(self._stage_dir("dynamics"))
         try:
-            if ckpt.latest_step() is None:
-                raise ConfigError(f"{self.workdir}: no dynamics checkpoint; run --stages=dynamics first")
-            state, meta = ckpt.restore(state)
+            restored = self._restore(ckpt, state, "dynamics")
         finally:
             ckpt.close()
+        if restored is None:
+            raise ConfigError(f"{self.workdir}: no dynamics checkpoint; run --stages=dynamics first")
+        state, meta = restored
         if not meta.get("done"):
             raise ConfigError(f"{self.workdir}: the dynamics stage is not finished; run --stages=dynamics")
         return dyn.restore_best(state)
@@ -450,24 +664,26 @@ class Run:
                  f"{mcfg.num_slots} iterations x {mcfg.rows_per_slot:,} rows, {mcfg.buffer_dtype}) + "
                  f"{rollout_bytes / 2**30:.2f} GiB per rollout; h={mcfg.horizon}, "
                  f"lambda={mcfg.penalty_coef}, omega={mcfg.omega}, penalty={mcfg.penalty}")
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints", "mb2po"))
-        state, it, final = self.init_mb2po(agents), 0, None
-        if ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(state)
-            it, final = int(meta["iteration"]), meta.get("final")
-            self.log(f"[mb2po] resuming from iteration {it}")
-        writer.truncate("mb2po", it)
-        if final is not None and it >= mcfg.iterations:
-            self.log(f"[mb2po] already finished ({it} iterations)")
-            ckpt.close()
-            return state, final
-
-        data = self._device_dataset()
-        models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
-        models = sharding.shard_seeds(models, self.mesh)
-        step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh, self.rollout_mesh)
-        progress = self._progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
+        ckpt = Checkpointer(self._stage_dir("mb2po"))
+        progress = None
         try:
+            state, it, final = self.init_mb2po(agents), 0, None
+            restored = self._restore(ckpt, state, "mb2po")
+            if restored is not None:
+                state, meta = restored
+                it, final = int(meta["iteration"]), meta.get("final")
+                self.log(f"[mb2po] resuming from iteration {it}")
+            writer.truncate("mb2po", it)
+            if final is not None and it >= mcfg.iterations:
+                self.log(f"[mb2po] already finished ({it} iterations)")
+                return state, final
+
+            data = self._device_dataset()
+            models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
+            models = sharding.shard_seeds(models, self.mesh)
+            step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh,
+                                              self.rollout_mesh)
+            progress = self._progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
             while it < mcfg.iterations:
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, models, data)
@@ -480,17 +696,24 @@ class Run:
                                 penalty=float(np.mean(metrics["rollout_mean_penalty"])),
                                 critic_loss=float(np.mean(metrics["critic_loss"])))
                 final = self._end_of_call(
-                    "mb2po", "iteration", writer, ckpt, state, it, done=it >= mcfg.iterations,
+                    "mb2po", "iteration", writer, ckpt, state, it, metrics=metrics, params=state.agent,
+                    hint="Lower --actor_lr/--critic_lr or raise --penalty_coef", done=it >= mcfg.iterations,
                     eval_due=it % cfg.mb2po_eval_every == 0, save_due=it % cfg.mb2po_checkpoint_every == 0,
                     agents=state.agent) or final
         finally:
-            ckpt.wait()
-            ckpt.close()
-            progress.close()
+            ckpt.close()  # waits for a save in flight
+            if progress is not None:
+                progress.close()
         return state, final
 
     # ------------------------------------------------------------------------------------------ all
     def __call__(self) -> dict:
+        try:
+            return self._run_stages()
+        finally:
+            self.close()
+
+    def _run_stages(self) -> dict:
         cfg = self.config
         self.log(f"dataset {self.dataset.name}: {self.dataset.num_transitions} transitions, "
                  f"{self.dataset.num_episodes} episodes, env {self.env_id}; workdir {self.workdir}; "
@@ -504,6 +727,7 @@ class Run:
         started = time.time()
         finals: dict[str, Any] = {}
         with self.stop.installed(), (MetricsWriter(self.workdir) if self.is_chief else _NullWriter()) as writer:
+            self._restart(writer)
             agents = dyn_state = None
             if "awac" in cfg.stages:
                 agents, finals["awac"] = self.run_awac(writer)
@@ -513,6 +737,10 @@ class Run:
                 agents = agents if agents is not None else self._finished_awac()
                 dyn_state = dyn_state if dyn_state is not None else self._finished_dynamics()
                 _, finals["mb2po"] = self.run_mb2po(writer, agents, dyn_state)
+        for stage in ("awac", "mb2po"):  # stages not run now keep their results (from their checkpoints)
+            meta = None if stage in finals else self._stage_meta(stage)
+            if meta is not None and meta.get("final") is not None:
+                finals[stage] = meta["final"]
         results = {
             "dataset": self.dataset.name,
             "dataset_path": self.dataset.path,
@@ -522,7 +750,7 @@ class Run:
             "seed": cfg.seed,
             "preset": self.preset,
             "stages": list(cfg.stages),
-            "final": finals,
+            "final": {stage: finals[stage] for stage in config_lib.STAGES if stage in finals},
             "config": config_lib.to_dict(cfg),
             "wall_time_s": time.time() - started,
             "num_processes": jax.process_count(),

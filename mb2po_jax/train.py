@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 
 from mb2po_jax import config as config_lib
-from mb2po_jax.errors import Mb2poError
+from mb2po_jax.errors import ConfigError, Mb2poError
 
 FLAGS = flags.FLAGS
 _LIBRARY_FLAGS = frozenset(FLAGS)  # defined by absl and the libraries imported above; the rest are ours
@@ -93,6 +93,9 @@ flags.DEFINE_integer("cpu_devices", None, "XLA host devices a CPU run uses (sing
                      "and the rest stays on the first. Default: 2 on a CPU with 2+ cores when --stages has "
                      "mb2po, or awac with an even --num_seeds; else 1. Ignored on accelerators unless given.")
 flags.DEFINE_integer("mb2po_checkpoint_every", None, "Checkpoint (ring included) every this many iterations.")
+flags.DEFINE_enum("restart_from", None, list(config_lib.STAGES), "Delete the checkpoints, results and metrics "
+                  "of this stage and of the stages after it, then run: what extending a stage whose later "
+                  "stages have already run requires (e.g. --awac_steps=N --restart_from=mb2po).")
 # Several processes (multi-host): jax.distributed.initialize before anything else.
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator, the same on every "
                     "process (default: $JAX_COORDINATOR_ADDRESS with --distributed).")
@@ -117,11 +120,14 @@ def _overrides() -> dict:
              "penalty_coef", "penalty", "rollout_members", "buffer_dtype", "rollout_chunk_size",
              "mb2po_eval_every", "mb2po_checkpoint_every"]
     values = {name: getattr(FLAGS, name) for name in names}
-    for name in ("actor_hidden_dims", "critic_hidden_dims", "dynamics_hidden_dims"):
+    for name, kind in (("actor_hidden_dims", int), ("critic_hidden_dims", int), ("dynamics_hidden_dims", int),
+                       ("dynamics_weight_decay", float)):
         if getattr(FLAGS, name) is not None:
-            values[name] = tuple(int(w) for w in getattr(FLAGS, name))
-    if FLAGS.dynamics_weight_decay is not None:
-        values["dynamics_weight_decay"] = tuple(float(w) for w in FLAGS.dynamics_weight_decay)
+            try:
+                values[name] = tuple(kind(w) for w in getattr(FLAGS, name))
+            except ValueError:
+                raise ConfigError(f"--{name}={','.join(getattr(FLAGS, name))} is not a comma-separated list "
+                                  f"of {'integers' if kind is int else 'numbers'}") from None
     values["seed"] = FLAGS.seed
     values["stages"] = tuple(FLAGS.stages)
     return values
@@ -171,7 +177,8 @@ def main(argv):
             f"{os.path.basename(dataset_name or 'default').replace('/', '_')}_{FLAGS.preset}_seed{FLAGS.seed}",
         )
         layout = sharding.cpu_layout(config.num_seeds, cpu_devices, strict=FLAGS.cpu_devices is not None)
-        run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset, layout=layout)
+        run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset, layout=layout,
+                           restart_from=FLAGS.restart_from)
         results = run()
     except pipeline.Stopped as stopped:
         print(stopped, file=sys.stderr)

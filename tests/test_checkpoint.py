@@ -182,3 +182,31 @@ def test_typed_keys_scalars_and_empty_leaves(tmp_path):
     assert out["np_scalar"] == np.float32(1.5) and type(out["np_scalar"]) is np.float32
     assert out["empty"].shape == (0, 3) and out["empty"].dtype == np.float32
     np.testing.assert_array_equal(out["buf"], tree["buf"])
+
+
+def test_damaged_newest_step_is_skipped_moved_aside_and_saved_over(tmp_path):
+    """A flipped byte in an array's data, which orbax reads back as a wrong value without an error, fails
+    the step's checksums; `restore_latest` reports it once, moves it aside and restores the step before."""
+    state = {"w": jnp.arange(4096, dtype=jnp.float32), "n": np.arange(64, dtype=np.float64)}
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, state, {"step": 1})
+    ckpt.save(2, jax.tree.map(lambda x: x + 1, state), {"step": 2})
+    ckpt.close()
+    data = max((os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "2" / "state") for f in fs
+                if os.sep + "d" + os.sep in os.path.join(d, f)), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+    fresh = Checkpointer(tmp_path, async_save=False)
+    reports = []
+    restored, meta = fresh.restore_latest(state, reports.append)
+    assert meta == {"step": 1}
+    assert_identical(restored, state)
+    assert len(reports) == 1 and "checksums" in reports[0] and str(tmp_path / "2") in reports[0]
+    assert fresh.all_steps() == [1] and (tmp_path / "2.damaged").is_dir()
+    assert fresh.save(2, state, {"step": 2})  # not skipped as "older than the damaged step"
+    assert fresh.restore(state)[1] == {"step": 2}
+    fresh.close()

@@ -1,0 +1,150 @@
+"""Getting a trained policy out of a workdir: `load_policy` and `mb2po-eval` on one tiny finished run."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mb2po_jax
+from mb2po_jax import awac, config as config_lib, mb2po, pipeline
+from mb2po_jax.checkpoint import Checkpointer
+from mb2po_jax.errors import ConfigError, Mb2poError, WorkdirError
+from test_pipeline import _write_hopper_file
+
+# Tiny but whole: three stages, two seeds; the ring (2 slots x 2000 rows per seed) is far larger than the actor.
+TINY = dict(
+    stages=("awac", "dynamics", "mb2po"), num_seeds=2, awac_steps=100, steps_per_call=50, eval_every=100,
+    checkpoint_every=100, actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=32,
+    eval_episodes=1, max_episode_steps=20, dynamics_steps=60, dynamics_hidden_dims=(32, 32),
+    dynamics_weight_decay=(1e-5, 1e-5, 1e-5), max_holdout=200, imagined_steps=2000, updates_per_iteration=10,
+    num_slots=2, mb2po_iterations=2, mb2po_eval_every=2, mb2po_checkpoint_every=1,
+)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """(workdir, Run) of a finished three-stage run."""
+    root = tmp_path_factory.mktemp("policy")
+    data = _write_hopper_file(root / "tiny.hdf5", n=1200)
+    run = pipeline.Run(str(root / "run"), data, None, config_lib.make_config("smoke", TINY), log=lambda m: None)
+    run()
+    return root / "run", run
+
+
+def _eval(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mb2po_jax.eval_cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def _training_states(workdir, run):
+    """Each stage's final training state, restored whole, as the pipeline restores it."""
+    with Checkpointer(os.path.join(workdir, "checkpoints", "awac")) as ckpt:
+        agents, _ = ckpt.restore(run.init_awac())
+    with Checkpointer(os.path.join(workdir, "checkpoints", "mb2po")) as ckpt:
+        state, _ = ckpt.restore(run.init_mb2po(agents))
+    return {"awac": agents, "mb2po": state.agent}
+
+
+def test_load_policy_acts_as_the_training_state_without_reading_the_ring(finished, monkeypatch):
+    workdir, run = finished
+    restored = []  # everything load_policy reads from a checkpoint
+    real_restore = Checkpointer.restore
+
+    def spy(self, target, step=None, **kwargs):
+        out = real_restore(self, target, step, **kwargs)
+        restored.append(out[0])
+        return out
+
+    monkeypatch.setattr(Checkpointer, "restore", spy)
+    policies = {(stage, seed): mb2po_jax.load_policy(workdir, stage=stage, seed=seed)
+                for stage in ("mb2po", "awac") for seed in (0, 1)}
+    default = mb2po_jax.load_policy(workdir)  # the newest finished stage: mb2po
+    monkeypatch.setattr(Checkpointer, "restore", real_restore)
+
+    ring = mb2po.state_bytes(run.config.mb2po, 11, 3, num_seeds=2)
+    for tree in restored:
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        assert not any("buffer" in p or "critic" in p or "opt_state" in p for p in paths), paths
+        assert sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)) < ring / 20
+
+    obs = np.random.default_rng(0).normal(size=(2, 7, 11)).astype(np.float32)
+    obs[..., 0] += 1.25
+    states = _training_states(workdir, run)
+    for (stage, seed), policy in policies.items():
+        expected = run.actions.to_env(np.asarray(awac.act_seeds(states[stage], obs)))[seed]
+        np.testing.assert_allclose(np.asarray(policy(obs[seed])), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(policy(obs[seed, 0])), expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(default(obs[0])), np.asarray(policies["mb2po", 0](obs[0])))
+    assert not np.allclose(np.asarray(policies["awac", 0](obs[0])), np.asarray(policies["mb2po", 0](obs[0])))
+
+    sampled = np.asarray(policies["mb2po", 0](obs[0], jax.random.PRNGKey(1)))
+    assert sampled.shape == (7, 3) and np.all(np.abs(sampled) <= 1.0)  # Hopper's bounds are [-1, 1]
+    assert not np.allclose(sampled, np.asarray(policies["mb2po", 0](obs[0])))
+    with pytest.raises(ValueError, match=r"\[11\]"):
+        policies["mb2po", 0](obs[0, :, :5])
+
+
+def test_load_policy_errors_are_one_line(finished, tmp_path):
+    workdir, _ = finished
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    (untrained / "config.json").write_text((workdir / "config.json").read_text())
+    cases = [
+        (dict(workdir=tmp_path / "missing"), WorkdirError, "no such directory"),
+        (dict(workdir=tmp_path), WorkdirError, "no config.json"),
+        (dict(workdir=untrained), WorkdirError, "no AWAC or MB2PO checkpoint"),
+        (dict(workdir=untrained, stage="mb2po"), WorkdirError, "mb2po stage has not been run"),
+        (dict(workdir=workdir, seed=2), ConfigError, "seed 2 is out of range.*2 seed"),
+        (dict(workdir=workdir, stage="dynamics"), ConfigError, "awac"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            mb2po_jax.load_policy(**kwargs)
+        assert isinstance(info.value, Mb2poError) and "\n" not in str(info.value)
+
+
+def test_mb2po_eval_prints_one_json_line(finished):
+    workdir, _ = finished
+    out = _eval(workdir, "--seed", 1, "--episodes", 2)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    result = json.loads(line)
+    assert (result["stage"], result["seed"], result["env"], result["episodes"]) == ("mb2po", 1, "Hopper-v5", 2)
+    assert len(result["returns"]) == 2 and result["lengths"] == [20, 20]
+    assert result["return"] == pytest.approx(np.mean(result["returns"]))
+    assert np.isfinite(result["normalized_score"]) and "mb2po-eval:" in out.stderr
+
+    # The run's own episode count and seeds: the training's final evaluation of that seed.
+    final = json.loads((workdir / "results.json").read_text())["final"]
+    for stage in ("awac", "mb2po"):
+        out = _eval(workdir, "--stage", stage, "--seed", 1)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["return"] == pytest.approx(final[stage]["return"][1], rel=1e-4)
+        assert result["normalized_score"] == pytest.approx(final[stage]["normalized_score"][1], rel=1e-4)
+
+
+def test_mb2po_eval_video(finished, tmp_path):
+    workdir, _ = finished
+    video = tmp_path / "hopper.mp4"
+    out = _eval(workdir, "--episodes", 1, "--video", video)
+    if out.returncode == 1 and out.stderr.startswith("error: --video"):
+        pytest.skip(f"no offscreen rendering or video writer here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["video"] == str(video)
+    assert video.read_bytes()[4:8] == b"ftyp"  # an MP4 container
+
+
+def test_mb2po_eval_without_rendering_says_so_in_one_line(finished, tmp_path):
+    workdir, _ = finished
+    video = tmp_path / "hopper.mp4"
+    out = _eval(workdir, "--video", video, env={**os.environ, "MUJOCO_GL": "nonsense"})
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: --video") and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stdout == "" and not video.exists()
+
+    out = _eval(tmp_path / "missing")
+    assert out.returncode == 1 and out.stderr.splitlines() == [f"error: {tmp_path / 'missing'}: no such directory"]
