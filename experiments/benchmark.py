@@ -319,18 +319,12 @@ def cmd_run(args) -> int:
 def _eval_lines(path: str) -> list[str]:
     """The evaluation records (lines with normalized_score) of a metrics.jsonl or evals.jsonl, verbatim.
     A line that does not parse (the end of a file being written) is left out."""
+    from mb2po_jax.logger import json_lines  # how the library reads metrics.jsonl
+
     if not os.path.isfile(path):
         return []
-    kept = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "normalized_score" in record:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    return kept
+        return [line for line, record in json_lines(f) if "normalized_score" in record]
 
 
 def _run_dirs(root: str) -> list[str]:

@@ -23,7 +23,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, Any, Iterable
 
 import numpy as np
 
@@ -207,6 +207,20 @@ def _drop_torn_last_line(path: str) -> None:
             f.truncate(keep)
 
 
+def json_lines(lines: Iterable[str]) -> list[tuple[str, dict]]:
+    """(line, record) for each line that holds a JSON object, the line newline-terminated; any other line
+    (the torn end of a file being written) is left out. How every reader of metrics.jsonl parses it."""
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            out.append((line if line.endswith("\n") else line + "\n", record))
+    return out
+
+
 def _check_records(path: str) -> None:
     """WorkdirError naming the first line of `path` that is not a UTF-8 JSON object."""
     if not os.path.exists(path):
@@ -264,14 +278,8 @@ class MetricsWriter:
         self._jsonl.flush()
         with open(self.jsonl_path, encoding="utf-8") as f:
             lines = f.readlines()
-        kept = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not (record.get("stage") == stage and record.get("step", 0) > step):
-                kept.append(line if line.endswith("\n") else line + "\n")
+        kept = [line for line, record in json_lines(lines)
+                if not (record.get("stage") == stage and record.get("step", 0) > step)]
         if len(kept) == len(lines):
             return
         tmp = f"{self.jsonl_path}.tmp"

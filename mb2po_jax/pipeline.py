@@ -292,7 +292,6 @@ class Run:
             if created and self.is_chief and os.listdir(self.workdir) == [".lock"]:  # leave nothing behind
                 shutil.rmtree(self.workdir, ignore_errors=True)
             raise
-        self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
 
     def close(self) -> None:
         """Releases the workdir (done by `__call__`; for a Run that is never called)."""

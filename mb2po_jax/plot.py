@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from mb2po_jax.errors import ConfigError, Mb2poError, WorkdirError
+from mb2po_jax.logger import json_lines
 
 SCORE_TITLE = "normalised score"
 DYNAMICS_TITLE = "dynamics: holdout MSE"
@@ -49,16 +50,8 @@ def read_records(workdir: str) -> list[dict]:
     if not os.path.isfile(path):
         what = "no such directory" if not os.path.isdir(workdir) else "no metrics.jsonl (nothing trained yet?)"
         raise WorkdirError(f"{workdir}: {what}")
-    records = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "stage" in record and "step" in record:
-                records.append(record)
-    return records
+        return [record for _, record in json_lines(f) if "stage" in record and "step" in record]
 
 
 def read_settings(workdir: str) -> dict:
