@@ -343,7 +343,9 @@ class Progress:
         [awac] 12000/500000 (2.4%)  1870 steps/s  ETA 4m21s  loss=1.23
 
     steps/s is measured over the interval since the previous line; a resumed run passes `start_step`
-    so the rate counts only steps done in this process.
+    so the rate counts only steps done in this process. A caller whose steps are something else names them
+    with `unit` (e.g. unit="it": "12.5 it/s", or "27 s/it" when fewer than one a second); without it the
+    rate is always "N steps/s".
     """
 
     def __init__(
@@ -355,14 +357,23 @@ class Progress:
         stream: IO[str] | None = None,
         min_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        unit: str | None = None,
     ):
         self.total, self.desc = int(total), desc
+        self.unit = unit
         self.stream = sys.stderr if stream is None else stream
         self.min_interval_s = min_interval_s
         self._clock = clock
         self._t0 = self._last_t = clock()
         self._start_step = self._last_step = self._step = int(start_step)
         self._closed = False
+
+    def _rate(self, rate: float) -> str:
+        if self.unit is None:
+            return f"{_format_rate(rate)} steps/s"
+        if rate < 1:
+            return f"{_format_rate(1.0 / rate)} s/{self.unit}"
+        return f"{_format_rate(rate)} {self.unit}/s"
 
     def _head(self, step: int) -> str:
         pct = 100.0 * step / self.total if self.total > 0 else 100.0
@@ -377,7 +388,7 @@ class Progress:
         parts = [self._head(self._step)]
         if dt > 0 and self._step > self._last_step:
             rate = (self._step - self._last_step) / dt
-            parts.append(f"{_format_rate(rate)} steps/s")
+            parts.append(self._rate(rate))
             parts.append(f"ETA {format_duration(max(self.total - self._step, 0) / rate)}")
         parts += [f"{k}={_format_extra(v)}" for k, v in extra.items()]
         print("  ".join(parts), file=self.stream, flush=True)
@@ -391,5 +402,5 @@ class Progress:
         parts = [self._head(self._step), f"done in {format_duration(elapsed)}"]
         done = self._step - self._start_step
         if elapsed > 0 and done > 0:
-            parts.append(f"{_format_rate(done / elapsed)} steps/s")
+            parts.append(self._rate(done / elapsed))
         print("  ".join(parts), file=self.stream, flush=True)

@@ -682,7 +682,8 @@ class Run:
             models = sharding.shard_seeds(models, self.mesh)
             step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh,
                                               self.rollout_mesh)
-            progress = self._progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0)
+            progress = self._progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0,
+                                      unit="it")
             while it < mcfg.iterations:
                 t0 = time.perf_counter()
                 state, metrics = step_fn(state, models, data)

@@ -170,3 +170,15 @@ def test_more_devices_than_the_process_has_is_one_clear_error():
                           env=dict(env, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr
     assert "--devices=3: only 1 cpu device(s)" in proc.stdout
+
+
+def test_projected_paper_protocol_hours_scales_the_timed_sizes_to_the_papers():
+    from mb2po_jax.bench.mb2po import projected_paper_protocol_hours as hours
+
+    # Paper size (`mb2po-bench all`): 500 iterations as timed.
+    assert hours(36.0, 1_000_000, 1000, 0.7) == pytest.approx(5.0)
+    # `mb2po-bench all --quick`: a tenth of the steps and of the updates, so ten times the timed iteration.
+    assert hours(3.6, 100_000, 100, 0.7) == pytest.approx(5.0)
+    # Each part scaled by its own ratio: the rollout (80 % of the time) at full size, the updates at 1/10.
+    assert hours(7.2, 1_000_000, 100, 0.8) == pytest.approx(500 * 7.2 * (0.8 + 0.2 * 10) / 3600)
+    assert hours(7.2, 1_000_000, 0, 1.0) == pytest.approx(1.0)  # no updates: nothing to scale them from

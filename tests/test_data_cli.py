@@ -129,6 +129,31 @@ def test_generate_random_then_use_it_by_name(tmp_path, capsys):
     assert load_dataset(out_path).env_id == "Walker2d-v5"
 
 
+def test_generate_names_the_dataset_as_users_pass_it(tmp_path, capsys):
+    assert run(["generate", "--env", "hopper", "--kind", "random", "--size", "50"]) == 0
+    out = capsys.readouterr().out
+    assert ": hopper-random-local: 50 transitions" in out and ": hopper_random-local:" not in out
+
+
+def test_generate_refuses_to_overwrite_without_force(tmp_path, capsys):
+    path = tmp_path / "local" / "hopper_random-local.hdf5"
+    assert run(["generate", "--env", "hopper", "--kind", "random", "--size", "50", "--seed", "1"]) == 0
+    capsys.readouterr()
+    before = path.read_bytes()
+    assert run(["generate", "--env", "hopper", "--kind", "random", "--size", "60", "--seed", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {path} already exists") and "--force" in err
+    assert path.read_bytes() == before
+    assert run(["generate", "--env", "hopper", "--kind", "random", "--size", "60", "--seed", "2", "--force"]) == 0
+    capsys.readouterr()
+    assert load_dataset("hopper-random-local").num_transitions == 60
+    out_path = tmp_path / "mine.hdf5"
+    out_path.write_bytes(b"not mine to overwrite")
+    assert run(["generate", "--env", "hopper", "--kind", "random", "--size", "50", "--out", str(out_path)]) == 1
+    assert str(out_path) in capsys.readouterr().err and out_path.read_bytes() == b"not mine to overwrite"
+
+
 def test_random_and_uniform_are_separate_local_datasets(tmp_path, capsys):
     for kind in ("random", "uniform"):
         assert run(["generate", "--env", "hopper", "--kind", kind, "--size", "1000"]) == 0

@@ -58,7 +58,7 @@ def test_a_stale_uniform_random_file_is_refused_by_name(tmp_path):
     generation.generate_uniform("Hopper-v5", 100, 0, local.path)
     with h5py.File(local.path, "r+") as f:  # what the old recipe wrote
         f["metadata"].attrs["kind"] = "random"
-    with pytest.raises(DataError, match="older recipe .*uniform_random.*generate --env hopper --kind random"):
+    with pytest.raises(DataError, match="older recipe .*uniform_random.*generate --env hopper --kind random --force"):
         load_dataset("hopper-random-local")
     assert load_dataset(local.path).num_transitions == 100  # by path it is just a file
     generation.generate("hopper", "random", size=100)

@@ -239,3 +239,19 @@ def test_truncate_then_write_keeps_every_line_the_open_writer_writes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in records] == [("awac", 1), ("dynamics", 5), ("awac", 2), ("awac", 3)]
     assert [r.get("loss") for r in records] == [1.0, None, 20.0, 30.0]
+
+
+def test_progress_names_the_callers_unit():
+    """MB2PO's progress counts iterations: "it/s", or "s/it" when slower than one a second."""
+    out, clock = io.StringIO(), FakeClock()
+    p = Progress(100, "mb2po", stream=out, min_interval_s=0, clock=clock, unit="it")
+    clock.t += 27.0
+    p.update(1)
+    clock.t += 1.0
+    p.update(5)
+    p.close()
+    assert out.getvalue().splitlines() == [
+        "[mb2po] 1/100 (1.0%)  27 s/it  ETA 44m33s",
+        "[mb2po] 5/100 (5.0%)  4 it/s  ETA 24s",
+        "[mb2po] 5/100 (5.0%)  done in 28s  5.6 s/it",
+    ]

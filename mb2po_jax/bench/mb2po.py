@@ -25,6 +25,24 @@ from mb2po_jax.errors import ConfigError
 from mb2po_jax.bench.rollout import random_dynamics_state
 from mb2po_jax.termination import hopper_termination
 
+# The paper's protocol: 500 iterations of 1M imagined steps + 1000 AWAC updates.
+PAPER_ITERATIONS, PAPER_IMAGINED_STEPS, PAPER_UPDATES = 500, 1_000_000, 1000
+
+
+def projected_paper_protocol_hours(seconds_per_iteration: float, imagined_steps: int, updates_per_iteration: int,
+                                   rollout_fraction: float) -> float:
+    """Hours of the paper protocol (PAPER_ITERATIONS iterations at paper size) from one iteration timed at
+    `imagined_steps` + `updates_per_iteration`: the rollout's share of the time (`rollout_fraction`, the
+    FLOP estimate) scaled by PAPER_IMAGINED_STEPS / imagined_steps, the updates' by PAPER_UPDATES /
+    updates_per_iteration (a part of size 0 adds nothing). At paper size the scale is 1; at `mb2po-bench
+    all --quick`'s sizes (100k steps + 100 updates) it is 10."""
+    scale = 0.0
+    if imagined_steps > 0:
+        scale += rollout_fraction * PAPER_IMAGINED_STEPS / imagined_steps
+    if updates_per_iteration > 0:
+        scale += (1.0 - rollout_fraction) * PAPER_UPDATES / updates_per_iteration
+    return PAPER_ITERATIONS * seconds_per_iteration * scale / 3600.0
+
 
 def run(
     obs_dim: int = 11,
@@ -96,15 +114,18 @@ def run(
     rollout_flops = mcfg.rows_per_slot * (members * dense_flops(1, sizes) + dense_flops(1, actor))
     train_flops = updates_per_iteration * sum(update_flops(obs_dim, act_dim, acfg).values())
     flops = num_seeds * (rollout_flops + train_flops)
+    rollout_fraction = rollout_flops / (rollout_flops + train_flops)
     return {
         "benchmark": "mb2po",
         "seconds_per_iteration": seconds,
         "seconds_per_iteration_per_seed": seconds / num_seeds,
         "flops_per_iteration": flops,
-        "rollout_flops_fraction": rollout_flops / (rollout_flops + train_flops),
+        "rollout_flops_fraction": rollout_fraction,
         "matmul_flops_per_s": peak,
         "fraction_of_matmul_peak": flops / seconds / peak,
-        "projected_paper_protocol_hours": 500 * seconds / 3600.0,  # 500 iterations, this many seeds
+        # Scaled from this run's sizes to the paper's, this many seeds.
+        "projected_paper_protocol_hours": projected_paper_protocol_hours(
+            seconds, mcfg.rows_per_slot, updates_per_iteration, rollout_fraction),
         "imagined_steps": mcfg.rows_per_slot,
         "updates_per_iteration": updates_per_iteration,
         "num_seeds": num_seeds,

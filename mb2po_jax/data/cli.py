@@ -3,7 +3,7 @@
     mb2po-data validate PATH|NAME [--env ID]          one summary line, exit 0; or one error line, exit 1
     mb2po-data info PATH|NAME [--env ID] [--json]
     mb2po-data generate --env hopper --kind random|uniform|medium|medium-replay|expert|medium-expert
-                        [--size N] [--seed S] [--out PATH]
+                        [--size N] [--seed S] [--out PATH] [--force]
     mb2po-data train-behavior --env hopper --workdir W [--total_steps N] [--seed S]
     mb2po-data export-behavior W --out DIR [--replay_every N]
 
@@ -115,8 +115,14 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    local = registry.local_name_for(args.env, args.kind)
+    target = args.out or local.path
+    if os.path.exists(target) and not args.force:
+        raise DataError(f"{target} already exists; pass --force to regenerate it")
     path = generation.generate(args.env, args.kind, size=args.size, seed=args.seed, path=args.out)
     ds = load_dataset(path, validate=True)
+    if args.out is None:  # name it as users pass it to --dataset ("hopper-random-local"), not by file stem
+        ds = dataclasses.replace(ds, name=local.name)
     print(f"wrote {path}: {_summary(ds)}")
     return 0
 
@@ -220,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=generation.DEFAULT_SEED)
     p.add_argument("--out", default=None, help="output file (default: the local name's file in "
                                                 "$MB2PO_DATA_DIR or ~/.cache/mb2po_jax/datasets)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the output file if it exists (default: refuse, keeping the cached dataset)")
     p.set_defaults(fn=_cmd_generate)
 
     p = sub.add_parser("train-behavior", help="train the behaviour policies: online SAC, resumable (hours)")

@@ -218,7 +218,7 @@ def check_recipe(local: registry.LocalName, metadata: dict, path: str) -> None:
     if metadata.get("kind") == local.kind and made is not None and made != expected:
         raise DataError(
             f"{local.name}: {path} was made by an older recipe (algorithm {made}, now {expected}); make it again "
-            f"with `mb2po-data generate --env {local.env} --kind {local.kind}`")
+            f"with `mb2po-data generate --env {local.env} --kind {local.kind} --force`")
 
 
 def _default_size(generate_fn: Callable[..., str], kind: str) -> Callable[[str, int | None, int, str], str]:
