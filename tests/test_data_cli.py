@@ -102,6 +102,19 @@ def test_info_reports_a_failed_validation(tmp_path, capsys):
     assert "validation   FAILED" in capsys.readouterr().out
 
 
+def test_info_on_non_finite_rewards_names_the_validation_problem_not_a_missing_reference(tmp_path, capsys):
+    """Hopper has a reference score: NaN returns must not read as 'no D4RL reference score'."""
+    raw = hopper_arrays()
+    raw["rewards"][3] = np.nan
+    path = str(tmp_path / "hopper_nanreward.hdf5")
+    write_d4rl_hdf5(path, raw)
+    assert run(["info", path]) == 1
+    out, err = capsys.readouterr()
+    assert "no D4RL reference score" not in out and "normalized   n/a (returns are not finite)" in out
+    assert f"validation   FAILED: {path}: rewards has NaN at row 3" in out
+    assert err == f"error: {path}: rewards has NaN at row 3\n" and "Traceback" not in err
+
+
 def test_info_text_for_env_without_reference_score(tmp_path, capsys):
     path = str(tmp_path / "pendulum.hdf5")
     n = 30

@@ -154,3 +154,18 @@ def test_collect_corrupt_results_names_the_file(tmp_path):
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "corrupt" in lines[0]
+
+
+def test_collect_overlapping_roots_count_each_workdir_once(tmp_path):
+    """`collect.py runs runs/sweeps`, the same root twice, or a symlink to it: one workdir, one set of rows."""
+    runs = tmp_path / "runs"
+    _workdir(runs / "sweeps", "a", penalty=0.5, seed=0)
+    _workdir(runs / "sweeps", "b", penalty=1.0, seed=0, results=False)
+    (tmp_path / "link").symlink_to(runs, target_is_directory=True)
+    csv_path = tmp_path / "out.csv"
+    out = _run(COLLECT, "runs", "runs/sweeps", "runs", "link", "--csv", csv_path, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [f"unfinished: {os.path.join('runs', 'sweeps', 'b')}",
+                                       "collected 1 finished run(s), 4 row(s); 1 unfinished"]
+    with open(csv_path, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 2  # stages x seeds of workdir a, once

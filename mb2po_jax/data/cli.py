@@ -102,6 +102,10 @@ def _cmd_info(args) -> int:
                 f"normalized   mean {info['normalized_return_mean']:.1f}, min {info['normalized_return_min']:.1f}, "
                 f"max {info['normalized_return_max']:.1f} (D4RL reference scores)"
             )
+        elif registry.has_reference_score(ds.env_id):
+            # Hopper etc. have a reference score: n/a here means the returns are NaN or infinite (a file
+            # that fails validation), which must not read as a missing reference score.
+            lines.append("normalized   n/a (returns are not finite)")
         else:
             lines.append("normalized   n/a (no D4RL reference score for this environment)")
         lines.append("validation   ok" if validation_error is None else f"validation   FAILED: {validation_error}")
