@@ -1,5 +1,12 @@
 """mb2po_jax: AWAC pretraining + MB2PO model-based fine-tuning for offline RL, in JAX."""
+import sys
+
 from setuptools import find_packages, setup
+
+# The benchmarks (top-level `benchmarks/`, `mb2po-bench`) are a checkout's tool, not part of the library:
+# an editable install (`pip install -e .`) maps them and installs the command; a wheel ships mb2po_jax alone.
+EDITABLE = bool({"editable_wheel", "develop"} & set(sys.argv[1:]))
+BENCH = ["benchmarks", "benchmarks.*"] if EDITABLE else []
 
 setup(
     name="mb2po_jax",
@@ -10,8 +17,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mb2po_jax", "mb2po_jax.*"]),
-    package_data={"mb2po_jax": ["assets/**/*", "configs/*.json"]},
+    packages=find_packages(include=["mb2po_jax", "mb2po_jax.*", *BENCH]),
+    package_data={"mb2po_jax": ["configs/*.json"], "mb2po_jax.behavior": ["assets/**/*"]},
     install_requires=[
         "jax>=0.4.35,<0.12",
         "flax>=0.10,<0.13",
@@ -40,9 +47,8 @@ setup(
         "console_scripts": [
             "mb2po-train=mb2po_jax.train:run",
             "mb2po-data=mb2po_jax.data.cli:run",
-            "mb2po-bench=mb2po_jax.bench:run",
             "mb2po-eval=mb2po_jax.eval_cli:run",
             "mb2po-plot=mb2po_jax.plot:run",
-        ]
+        ] + (["mb2po-bench=benchmarks:run"] if EDITABLE else [])
     },
 )

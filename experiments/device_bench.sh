@@ -13,7 +13,7 @@ out=${1:?usage: bash experiments/device_bench.sh OUT_DIR}
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
-bench='import sys; from mb2po_jax.bench import run; run(sys.argv[1:])'  # mb2po-bench, installed or not
+bench='import sys; from benchmarks import run; run(sys.argv[1:])'  # mb2po-bench, installed or not (repo root)
 step() { echo "[$(date +%T)] $*" | tee -a "$log"; }
 if [ -n "${QUICK:-}" ]; then
   all_size=(--quick); mb2po_size=(--imagined_steps 50000 --updates_per_iteration 100)

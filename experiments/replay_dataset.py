@@ -3,7 +3,7 @@
     python experiments/replay_dataset.py runs/behavior/hopper 100000 runs/data/hopper-medium-replay-sac.hdf5
 
 This is D4RL's own medium-replay recipe taken literally (every transition the replay buffer held until the
-medium policy), from the run's replay log (`mb2po_jax.data.behavior.load_replay_log`). The shipped
+medium policy), from the run's replay log (`mb2po_jax.behavior.load_replay_log`). The shipped
 `medium-replay` kind regenerates an approximation of it from policy snapshots instead, because the log is
 too big for git; this script is for the machine that ran the training.
 """
@@ -16,7 +16,8 @@ import sys
 import numpy as np
 
 import mb2po_jax
-from mb2po_jax.data import behavior, d4rl
+from mb2po_jax import behavior
+from mb2po_jax.data import d4rl
 
 
 def main(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -36,6 +36,7 @@ import optax
 from flax import struct
 
 from mb2po_jax import networks
+from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.errors import ConfigError
 
 CRITICS = ("twin", "quantile")
@@ -125,24 +126,6 @@ class AWACState(struct.PyTreeNode):
     action_dim: int = struct.field(pytree_node=False)
 
 
-class Batch(struct.PyTreeNode):
-    """Transitions on the device. obs/next_obs: [B, obs_dim], actions: [B, act_dim], rest [B]."""
-
-    observations: jax.Array
-    actions: jax.Array
-    rewards: jax.Array
-    next_observations: jax.Array
-    terminals: jax.Array  # 1.0 on true termination only (timeouts bootstrap)
-
-    def __len__(self) -> int:
-        return self.observations.shape[0]
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "Batch":
-        fields = ("observations", "actions", "rewards", "next_observations", "terminals")
-        return cls(**{f: jnp.asarray(data[f], jnp.float32) for f in fields})
-
-
 def _actor(config: AWACConfig, action_dim: int) -> networks.GMMParams:
     return networks.GMMParams(config.actor_hidden_dims, action_dim, config.num_components)
 
@@ -198,6 +181,16 @@ def critic_values(q: jax.Array, config: AWACConfig) -> jax.Array:
     if config.transform_eps is not None:
         q = inverse_value_transform(q, config.transform_eps)
     return q.mean(-1) if config.critic == "quantile" else q
+
+
+def advantage_weights(advantage: jax.Array, temperature: float, max_weight: float) -> jax.Array:
+    """The paper's actor weights min(exp(A(s, a) / alpha), 20) (not differentiated)."""
+    return jnp.minimum(jnp.exp(advantage / temperature), max_weight)
+
+
+def actor_loss(log_prob: jax.Array, weights: jax.Array) -> jax.Array:
+    """AWAC's actor loss L_pi = E[-log pi(a|s) * w(s, a)] for log pi(a|s) [B] and the weights [B]."""
+    return -(log_prob * weights).mean()
 
 
 def _optimizers(config: AWACConfig):
@@ -260,7 +253,7 @@ def act(state: AWACState, obs: jax.Array, key: jax.Array | None = None) -> jax.A
     return networks.tanh_gmm(logits, means, log_stds).sample(seed=key)
 
 
-def update(state: AWACState, batch: Batch, key: jax.Array) -> tuple[AWACState, dict[str, jax.Array]]:
+def update(state: AWACState, batch: Transitions, key: jax.Array) -> tuple[AWACState, dict[str, jax.Array]]:
     """One AWAC gradient step on both networks (single seed)."""
     config = state.config
     chex.assert_rank([batch.observations, batch.actions, batch.rewards], [2, 2, 1])
@@ -304,9 +297,11 @@ def update(state: AWACState, batch: Batch, key: jax.Array) -> tuple[AWACState, d
     )
     q_min = jax.lax.stop_gradient(critic_values(q_all, config).min(0))  # [2B]
     advantage = q_min[:batch_size] - q_min[batch_size:]  # A(s,a) = Q(s,a) - E_pi[Q(s,.)] (1 sample)
-    weights = jnp.minimum(jnp.exp(advantage / config.temperature), config.max_weight)
-    actor_loss = -(log_prob * weights).mean()
-    (actor_grads,) = actor_vjp(-weights / batch_size)
+    weights = advantage_weights(advantage, config.temperature, config.max_weight)
+    # The actor's gradient by the chain rule through the VJP kept above (one actor forward for both the
+    # loss and the baseline's sample); `tests/test_awac.py` checks it equals jax.grad of the plain loss.
+    pi_loss, dloss_dlogp = jax.value_and_grad(actor_loss)(log_prob, weights)
+    (actor_grads,) = actor_vjp(dloss_dlogp)
 
     actor_updates, actor_opt_state = actor_tx.update(actor_grads, state.actor_opt_state)
     actor_params = optax.apply_updates(state.actor_params, actor_updates)
@@ -317,7 +312,7 @@ def update(state: AWACState, batch: Batch, key: jax.Array) -> tuple[AWACState, d
     )
     metrics = {
         "critic_loss": critic_loss,
-        "actor_loss": actor_loss,
+        "actor_loss": pi_loss,
         "q_data": q_min[:batch_size].mean(),
         "advantage": advantage.mean(),
         "weight_mean": weights.mean(),
@@ -335,7 +330,7 @@ def update(state: AWACState, batch: Batch, key: jax.Array) -> tuple[AWACState, d
     return new_state, metrics
 
 
-def sample_uniform(data: Batch, key: jax.Array, batch_size: int) -> Batch:
+def sample_uniform(data: Transitions, key: jax.Array, batch_size: int) -> Transitions:
     """A uniform minibatch (with replacement) from device-resident transitions."""
     idx = jax.random.randint(key, (batch_size,), 0, len(data))
     return jax.tree.map(lambda x: x[idx], data)
@@ -345,8 +340,8 @@ def sample_uniform(data: Batch, key: jax.Array, batch_size: int) -> Batch:
 def make_train_steps(num_steps: int, sample_fn=None):
     """Compiled `(state [S], data) -> (state [S], metrics [S])` doing `num_steps` updates per seed.
 
-    Batches are drawn inside the compiled scan by `sample_fn(data, key, batch_size) -> Batch` (default:
-    uniform over `data`, a `Batch` of the whole dataset); `data` is shared by all seeds, while each seed
+    Batches are drawn inside the compiled scan by `sample_fn(data, key, batch_size) -> Transitions` (default:
+    uniform over `data`, the whole dataset's `Transitions` on the device); `data` is shared by all seeds, while each seed
     draws from its own key, so seeds see different data orders. Metrics are means over the `num_steps`.
     The state's key advances inside, so K calls of N steps equal one call of K*N steps.
     """

@@ -21,8 +21,8 @@ and `layout`, and commits the step), and `restore` into a target of global array
 the shards it holds (the target's sharding is passed to orbax). Numpy leaves are treated as replicated.
 
 Things orbax does not do that this module does:
-  - typed PRNG keys (`jax.random.key`) are stored as their raw uint32 key data and re-wrapped with the
-    same implementation on restore; raw `jax.random.PRNGKey` uint32 keys are plain arrays,
+  - PRNG keys must be raw uint32 key arrays (`jax.random.PRNGKey`, what every state here holds); a typed
+    key (`jax.random.key`) is refused with a TypeError rather than stored in a form restore cannot rebuild,
   - numpy scalars and python numbers become 0-d arrays and come back as the target's python/numpy type,
   - zero-size arrays (orbax refuses them) are recorded in the layout only and restored as empty arrays,
   - a target whose structure, shapes or dtypes differ from the checkpoint raises `CheckpointMismatchError`
@@ -93,7 +93,7 @@ _checksums_device = jax.jit(lambda xs: [_checksum_device(x) for x in xs])
 
 
 def _checksums(leaves: list[Any]) -> list[int]:
-    """Checksums of arrays as they are saved (key data, not typed keys): one compiled call per set of
+    """Checksums of arrays as they are saved: one compiled call per set of
     devices the jax arrays live on (a collective on several processes: every process calls it)."""
     out: list[int | None] = [None] * len(leaves)
     groups: dict[Any, list[int]] = {}
@@ -158,7 +158,7 @@ def _key_str(entry: Any) -> str:
     return str(entry)
 
 
-def _is_key(x: Any) -> bool:
+def _is_typed_key(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
@@ -203,9 +203,7 @@ def _unnest(nested: dict, paths: list[str]) -> list[Any]:
 
 
 def _to_savable(leaf: Any) -> Any:
-    """Leaf as orbax saves it: jax arrays stay on device (orbax handles sharding), keys -> key data."""
-    if _is_key(leaf):
-        return jax.random.key_data(leaf)
+    """Leaf as orbax saves it: jax arrays stay on device (orbax handles sharding)."""
     if isinstance(leaf, jax.Array | np.ndarray):
         return leaf
     return np.asarray(leaf)  # python / numpy scalars, which orbax rejects as leaves
@@ -300,8 +298,9 @@ class Checkpointer:
         for path, leaf in zip(paths, leaves):
             shape, dtype = _leaf_spec(leaf)
             entry: dict[str, Any] = {"shape": list(shape), "dtype": dtype}
-            if _is_key(leaf):
-                entry["key_impl"] = str(jax.random.key_impl(leaf))
+            if _is_typed_key(leaf):
+                raise TypeError(f"checkpoint: {path} is a typed PRNG key; store jax.random.key_data(key) (a "
+                                "raw uint32 key, as jax.random.PRNGKey makes)")
             layout["leaves"][path] = entry
             if int(np.prod(shape)) > 0:  # orbax refuses zero-size arrays; the layout restores them
                 savable_paths.append(path)
@@ -364,12 +363,7 @@ class Checkpointer:
             shape, dtype = _leaf_spec(leaf)
             if int(np.prod(shape)) == 0:
                 continue
-            if _is_key(leaf):
-                data_shape = tuple(layout["leaves"][path]["shape"])
-                impl = layout["leaves"][path]["key_impl"]
-                data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
-                abstract.append(jax.ShapeDtypeStruct(data_shape + data.shape, data.dtype))
-            elif isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
+            if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
                 sharding = getattr(leaf, "sharding", None)
                 abstract.append(jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding))
             else:  # numpy arrays and scalars: orbax restores a numpy target as numpy
@@ -403,10 +397,6 @@ class Checkpointer:
                     value: Any = jax.jit(lambda: jax.numpy.empty(shape, leaf.dtype), out_shardings=sharding)()
                 else:
                     value = np.empty(shape, np.dtype(dtype))
-            elif _is_key(leaf):
-                value = jax.random.wrap_key_data(
-                    values[path], impl=layout["leaves"][path]["key_impl"]
-                )
             elif isinstance(leaf, np.generic):
                 value = type(leaf)(np.asarray(values[path]))
             elif isinstance(leaf, bool | int | float | complex):

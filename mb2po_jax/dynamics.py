@@ -4,11 +4,9 @@ Each of E members is an MLP (swish) mapping standardised (s, a) to a diagonal Ga
 y = [s' - s, r] (dim obs_dim + 1, reward LAST). Parameters are explicit arrays stacked on a leading member
 axis ([E, in, out] per layer), not `nn.vmap(nn.Dense)`: the HLO is the same batched dot either way, and
 plain arrays make the per-member snapshot restore (`jnp.where` on the member axis), the elite gather
-(`p[elites]`) and the alternative member schedules of `ensemble_mean_var` one-liners. Training evaluates
-every layer as ONE batched matmul over the members' own minibatches, with feature-major activations
-(`einsum('eio,eib->eob')`, see `_mlp`: 0.70 of the CPU's matmul rate for forward + backward against 0.60
-batch-major). In a rollout all members see the same (s, a); `ensemble_mean_var` also offers other member
-schedules for them (see rollout.py).
+(`p[elites]`) one-liners. Training evaluates every layer as ONE batched matmul over the members' own
+minibatches, with feature-major activations (`einsum('eio,eib->eob')`, see `_mlp`; the faster layout on
+CPU, DESIGN.md). In a rollout all members see the same (s, a), so the first layer is one shared matmul.
 
 Design decisions (SPEC section 1 stage 2, section 3 traps):
 - Inputs are standardised with mean/std of the TRAINING split (stored in the state). Targets are NOT
@@ -140,14 +138,15 @@ class DynamicsState(struct.PyTreeNode):
 # Network
 
 
-def _layer_sizes(config: DynamicsConfig, obs_dim: int, act_dim: int) -> list[int]:
-    # Output: mean and raw log-variance of [delta_obs, reward].
+def layer_sizes(config: DynamicsConfig, obs_dim: int, act_dim: int) -> list[int]:
+    """Widths of each member's layers, input to output; the output holds the mean and raw log-variance of
+    [delta_obs, reward]."""
     return [obs_dim + act_dim, *config.hidden_dims, 2 * (obs_dim + 1)]
 
 
 def init_params(key: jax.Array, obs_dim: int, act_dim: int, config: DynamicsConfig) -> Params:
     """MBPO's init: truncated normal, std 1 / (2 sqrt(fan_in)), zero biases; independent per member."""
-    sizes = _layer_sizes(config, obs_dim, act_dim)
+    sizes = layer_sizes(config, obs_dim, act_dim)
     e, d = config.num_members, obs_dim + 1
     shapes = [(e, fan_in, fan_out) for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
     # One draw for all layers, then sliced: each random op compiles its own threefry loop (slow).
@@ -175,28 +174,13 @@ def ensemble_apply(params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def ensemble_mean_var(
-    params: Params, x: jax.Array, layout: str = "batched", feature_major: bool = False
+    params: Params, x: jax.Array, feature_major: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """As `ensemble_apply` but returns the variance (what sampling and the penalty need): [E, B, d] x 2,
     or [E, d, B] x 2 with `feature_major=True` (the layout the network computes in: the rollout picks the
     drawn member's row and reduces over members without transposing the [E, 2d, B] output).
-
-    layout (same result, different schedule): "batched" = one batched matmul per layer over all members
-    (best on GPU/TPU); "scan" = `lax.map` over members, each running its whole MLP on the shared [B, in]
-    input while its [B, H] activations stay in cache; "unrolled" = independent per-member chains that
-    XLA:CPU may run concurrently on different cores.
     """
-    if layout == "batched" or x.ndim != 2:
-        h = _mlp(params, x)
-    elif layout == "scan":
-        h = jax.lax.map(lambda p: _member_mlp(p, x), params["layers"])
-    elif layout == "unrolled":
-        h = jnp.stack([
-            _member_mlp(jax.tree_util.tree_map(lambda p: p[e], params["layers"]), x)
-            for e in range(params["max_logvar"].shape[0])
-        ])
-    else:
-        raise ValueError(f"unknown ensemble layout {layout!r}")
+    h = _mlp(params, x)
     d = h.shape[1] // 2  # h: [E, 2d, B]
     bound = lambda b: jnp.swapaxes(b, 1, 2)  # [E, 1, d] -> [E, d, 1]
     mean = h[:, :d]
@@ -208,19 +192,8 @@ def ensemble_mean_var(
 
 def swish(x: jax.Array) -> jax.Array:
     """x * sigmoid(x), with sigmoid(x) = (1 + tanh(x / 2)) / 2: the same function, but XLA:CPU evaluates
-    tanh with a short polynomial where `jax.nn.swish` costs an exp and a divide per element. Measured:
-    the activations were ~19% of a rollout's thunk time with `jax.nn.swish` (BUILD_NOTES.md)."""
+    tanh with a short polynomial where `jax.nn.swish` costs an exp and a divide per element (DESIGN.md)."""
     return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
-
-
-def _member_mlp(layers: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
-    """One member: x [B, in] -> [2d, B], mean rows then raw log-variance rows (feature-major, as `_mlp`)."""
-    h = x.T  # [in, B]
-    for i, layer in enumerate(layers):
-        h = jnp.einsum("io,ib->ob", layer["w"], h) + layer["b"][0][:, None]
-        if i < len(layers) - 1:
-            h = swish(h)
-    return h
 
 
 def _mlp(params: Params, x: jax.Array) -> jax.Array:
@@ -228,17 +201,15 @@ def _mlp(params: Params, x: jax.Array) -> jax.Array:
     rows, feature-major."""
     layers = params["layers"]
     # Feature-major activations [E, features, B]: the batch is the minor (contiguous) axis of every
-    # matmul output. XLA:CPU runs the batched [7, 256, 200] x [7, 200, 200] layer at ~0.85 of its square
-    # matmul rate this way against ~0.53 batch-major (`ebi,eio->ebo`), and one forward + backward of
-    # the ensemble at 0.70 against 0.60 (BUILD_NOTES.md, "Ensemble matmul layout and activation"). Only the
+    # matmul output, which XLA:CPU runs faster than batch-major (`ebi,eio->ebo`; DESIGN.md). Only the
     # narrow input and output are transposed.
     # The barrier makes the transposed input a real array: otherwise XLA folds the transpose into the
-    # first layer's weight-gradient dot, which then ran at ~0.1 of the matmul rate (5% of an update).
+    # first layer's weight-gradient dot, which XLA:CPU then runs far more slowly.
     x = jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))  # [..., in, B]
     if x.ndim == 2 and len(layers) > 1:
         # Shared inputs: the first layer of all members is ONE [E*H, in] x [in, B] matmul whose output
-        # already is the feature-major [E, H, B] (a batched [E, H, in] x [in, B] dot over a broadcast
-        # input ran at ~0.4 of the matmul rate: K = in is tiny and each member's N alone is small).
+        # already is the feature-major [E, H, B] (faster than a batched [E, H, in] x [in, B] dot over a
+        # broadcast input: K = in is tiny and each member's N alone is small).
         w = jnp.swapaxes(layers[0]["w"], 1, 2)  # [E, H, in]
         e, hdim = w.shape[:2]
         h = (w.reshape(e * hdim, -1) @ x).reshape(e, hdim, -1) + jnp.swapaxes(layers[0]["b"], 1, 2)
@@ -257,9 +228,8 @@ def bounded_var(raw_logvar: jax.Array, max_logvar: jax.Array, min_logvar: jax.Ar
 
     MBPO: lv = max - softplus(max - raw); lv = min + softplus(lv - min). Exponentiating,
     exp(lv) = exp(min) + exp(max) * sigmoid(raw - max) exactly (softplus(z) = log(1 + e^z)). One sigmoid
-    instead of two softplus: XLA:CPU lowers softplus/log1p(exp) chains to slow code (4 ms per step on a
-    [5, 1024, 12] tensor, 13% of a rollout step), the sigmoid form costs ~0.1 ms. Gradients still flow at
-    the bounds, unlike a hard clip.
+    instead of two softplus, which XLA:CPU lowers to slow code. Gradients still flow at the bounds, unlike a
+    hard clip.
     """
     return jnp.exp(min_logvar) + jnp.exp(max_logvar) * jax.nn.sigmoid(raw_logvar - max_logvar)
 
@@ -521,7 +491,7 @@ def make_train_epoch(
         # Every member visits its own bootstrap set in a new random order. One permutation of the
         # positions serves all members: their bootstrap lists are independent iid draws, so member e's
         # minibatches bootstrap[e, perm[...]] are still independent of the others' and uniformly
-        # shuffled, at 1/E of the sorting cost (a per-member permutation was ~6% of the epoch on CPU).
+        # shuffled, at 1/E of the sorting cost.
         perm = jax.random.permutation(key, n)[: num_batches * bs]
         order = data["bootstrap"][:, perm].reshape(e, num_batches, bs)  # [E, num_batches, bs]
 
@@ -545,62 +515,6 @@ def make_train_epoch(
         return state, metrics
 
     return jax.jit(epoch_fn)
-
-
-def fit_dynamics(
-    key: jax.Array,
-    transitions: Any,
-    config: DynamicsConfig = DynamicsConfig(),
-    *,
-    max_epochs: int | None = None,
-    max_steps: int | None = None,
-    early_stopping: bool = True,
-    callback: Callable[[DynamicsState, dict], Any] | None = None,
-) -> tuple[DynamicsState, list[dict]]:
-    """Host-side driver: split, normalise, bootstrap, then one compiled call per epoch until early
-    stopping or a budget (`max_epochs`, or `max_steps` minibatch updates, exact) runs out; returns the state
-    with each member's best snapshot restored, and one history dict (host values) per epoch.
-
-    `transitions`: mapping/object with observations, actions, rewards, next_observations [, next_valid].
-    `callback(state, metrics)` is called after every epoch with host metrics; a truthy return stops.
-    """
-    if not early_stopping and max_epochs is None and max_steps is None:
-        raise ConfigError("fit_dynamics: without early stopping, give max_epochs or max_steps")
-    inputs, targets = transitions_to_arrays(transitions)
-    obs_dim = targets.shape[1] - 1
-    act_dim = inputs.shape[1] - obs_dim
-    k_split, k_init, k_boot, k_train = jax.random.split(key, 4)
-    train, holdout = split_holdout(k_split, inputs, targets, config)
-    state = init_dynamics(k_init, obs_dim, act_dim, config, train["inputs"])
-    data = make_epoch_data(k_boot, state, train, holdout)
-    epoch_fn = make_train_epoch(config)
-    history: list[dict] = []
-    while True:
-        if max_epochs is not None and len(history) >= max_epochs:
-            break
-        remaining = np.iinfo(np.int32).max if max_steps is None else max_steps - int(state.step)
-        if remaining <= 0:
-            break
-        state, metrics = epoch_fn(
-            state, data, jax.random.fold_in(k_train, len(history)), jnp.asarray(remaining, jnp.int32)
-        )
-        host = jax.tree_util.tree_map(np.asarray, metrics)
-        record = {
-            "epoch": int(state.epoch),
-            "step": int(state.step),
-            "train_loss": float(host["train_loss"]),
-            "holdout_mse": host["holdout_mse"].tolist(),
-            "holdout_nll": host["holdout_nll"].tolist(),
-            "best_holdout_mse": np.asarray(state.best_holdout_mse).tolist(),
-            "elites": np.asarray(state.elites).tolist(),
-            "epochs_since_improvement": int(state.epochs_since_improvement),
-        }
-        history.append(record)
-        if callback is not None and callback(state, record):
-            break
-        if early_stopping and int(state.epochs_since_improvement) >= config.max_epochs_since_improvement:
-            break
-    return restore_best(state), history
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -636,3 +550,54 @@ def make_train_epoch_seeds(config: DynamicsConfig):
     """`make_train_epoch` vmapped over a leading seed axis of (state, data, key, max_updates [S] int32):
     a seed whose budget is 0 (stopped early, or out of steps) makes no update and keeps its snapshots."""
     return jax.jit(jax.vmap(make_train_epoch(config)))
+
+
+def counters(state: DynamicsState) -> dict[str, jax.Array]:
+    """The training counters of states [S] that decide when each seed stops (read them on the host)."""
+    return {"since": state.epochs_since_improvement, "updates": state.step, "epoch": state.epoch,
+            "best_holdout_mse": state.best_holdout_mse, "elites": state.elites}
+
+
+def epoch_budgets(host_counters: Mapping[str, np.ndarray], config: DynamicsConfig, max_updates: int,
+                  early_stopping: bool = True) -> np.ndarray:
+    """[S] int32: how many updates each seed may make in its next epoch; 0 once it has stopped, early (no
+    member improved its holdout MSE for `max_epochs_since_improvement` epochs) or at `max_updates`."""
+    updates = np.asarray(host_counters["updates"])
+    stopped = updates >= max_updates
+    if early_stopping:
+        stopped |= np.asarray(host_counters["since"]) >= config.max_epochs_since_improvement
+    return np.where(stopped, 0, max_updates - updates).astype(np.int32)
+
+
+def fit_dynamics(
+    key: jax.Array,
+    transitions: Any,
+    config: DynamicsConfig = DynamicsConfig(),
+    *,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
+    early_stopping: bool = True,
+) -> tuple[DynamicsState, list[dict]]:
+    """One ensemble trained on the host's `transitions` (mapping/object with observations, actions,
+    rewards, next_observations [, next_valid]) until early stopping or a budget (`max_epochs`, or
+    `max_steps` minibatch updates, exact): the pipeline's dynamics stage for one seed, with the same
+    set-up (`init_seeds`), compiled epoch and stopping rule (`epoch_budgets`). Returns the state with each
+    member's best snapshot restored and one history dict (host values) per epoch."""
+    if not early_stopping and max_epochs is None and max_steps is None:
+        raise ConfigError("fit_dynamics: without early stopping, give max_epochs or max_steps")
+    states, data, keys = init_seeds(key[None], transitions, config)
+    epoch_fn = make_train_epoch_seeds(config)
+    max_updates = np.iinfo(np.int32).max if max_steps is None else max_steps
+    history: list[dict] = []
+    while max_epochs is None or len(history) < max_epochs:
+        budget = epoch_budgets(jax.device_get(counters(states)), config, max_updates, early_stopping)
+        if not budget.any():
+            break
+        states, metrics = epoch_fn(states, data, jax.vmap(jax.random.fold_in)(keys, states.epoch), budget)
+        host, c = jax.device_get((metrics, counters(states)))
+        history.append({"epoch": int(c["epoch"][0]), "step": int(c["updates"][0]),
+                        "train_loss": float(host["train_loss"][0]), "holdout_mse": host["holdout_mse"][0].tolist(),
+                        "holdout_nll": host["holdout_nll"][0].tolist(),
+                        "best_holdout_mse": c["best_holdout_mse"][0].tolist(), "elites": c["elites"][0].tolist(),
+                        "epochs_since_improvement": int(c["since"][0])})
+    return restore_best(jax.tree.map(lambda x: x[0], states)), history

@@ -51,11 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, sharding
+from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, parallel, sharding
 from mb2po_jax.termination import termination_fn_for
 from mb2po_jax.checkpoint import CheckpointDamagedError, Checkpointer
-from mb2po_jax.data import DEFAULT_DATASET, ensure_default_dataset, load_dataset, normalized_score
+from mb2po_jax.behavior.generation import ensure_default_dataset
+from mb2po_jax.data import DEFAULT_DATASET, load_dataset, normalized_score
 from mb2po_jax.data.envs import env_spaces
+from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.errors import ConfigError, DivergedError, WorkdirError
 from mb2po_jax.evaluation import evaluate
 from mb2po_jax.logger import MetricsWriter, Progress
@@ -71,22 +73,26 @@ class Stopped(Exception):
     """Raised after a SIGTERM/SIGINT once the current compiled call has finished and a checkpoint is saved."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ActionScaler:
-    """AWAC's tanh policy acts in [-1, 1]; an environment's Box bounds may differ (e.g. Pendulum's 2)."""
+@dataclasses.dataclass
+class StageLoop:
+    """What one stage supplies to the shared training loop (`Run._drive`), in the spirit of purejaxrl's
+    `make_train`: its compiled call and the host-side rules around it. `step` counts the stage's `unit`."""
 
-    low: np.ndarray
-    high: np.ndarray
-
-    def to_unit(self, actions: np.ndarray) -> np.ndarray:
-        return (2.0 * (actions - self.low) / (self.high - self.low) - 1.0).astype(np.float32)
-
-    def to_env(self, actions: np.ndarray) -> np.ndarray:
-        return self.low + (np.asarray(actions, np.float64) + 1.0) * 0.5 * (self.high - self.low)
-
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.all(self.low == -1.0) and np.all(self.high == 1.0))
+    name: str  # checkpoint directory and metrics.jsonl's "stage"
+    unit: str  # what `step` counts, in messages: "step", "update", "iteration"
+    total: int  # the step count the progress line counts to
+    call: Callable[[Any], tuple[Any, dict]]  # state -> (state, metrics on the host): one compiled call
+    resume: Callable[[Any, dict], tuple[int, bool]]  # restored (state, checkpoint meta) -> (step, done)
+    advance: Callable[[Any, int], tuple[int, bool]]  # (state, step) after a call -> (step, done)
+    record: Callable[[Any, dict, float], tuple[dict, dict]]  # (state, metrics, seconds) -> (logged, shown)
+    params: Callable[[Any], Any]  # what must stay finite
+    hint: str  # what to change when it does not
+    agents: Callable[[Any], Any] | None = None  # the policy to evaluate (None: the stage has none)
+    eval_every: int = 0  # evaluate when step % eval_every == 0 (and at the end)
+    checkpoint_every: int = 1  # checkpoint when step % checkpoint_every == 0 (and at the end)
+    checkpoint_key: Callable[[Any, int], int] = lambda state, step: step  # the checkpoint's number
+    progress_interval_s: float | None = None  # None: Progress's default
+    progress_unit: str | None = None  # None: Progress's steps/s
 
 
 class _NullWriter:
@@ -273,14 +279,13 @@ class Run:
                 dataset = DEFAULT_DATASET
             self.dataset = load_dataset(dataset, env)  # validated before any work
             self.env_id = self.dataset.env_id
-            spaces = env_spaces(self.env_id)
-            self.actions = ActionScaler(np.asarray(spaces.act_low), np.asarray(spaces.act_high))
+            self.spaces = env_spaces(self.env_id)  # the policy acts in [-1, 1]; these bounds rescale it
             self.mesh, self.rollout_mesh = layout or (sharding.run_mesh(self.config.num_seeds), None)
             if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
-                self.available_bytes = mb2po.available_device_bytes()
-                self.memory = mb2po.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
-                                               self.config.num_seeds, self.available_bytes,
-                                               share=self._memory_share())
+                self.available_bytes = parallel.available_device_bytes()
+                self.memory = parallel.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
+                                                  self.config.num_seeds, self.available_bytes,
+                                                  share=self._memory_share())
             identity = self._check_config(dataset, env)
             self._check_later_stages()
             if self.is_chief:  # recorded once every check has passed
@@ -434,7 +439,7 @@ class Run:
             local = sharding.local_rows(agents, mine)
 
             def act_fn(obs: np.ndarray) -> np.ndarray:
-                return self.actions.to_env(np.asarray(_act_seeds(local, jnp.asarray(obs))))
+                return self.spaces.from_unit_actions(np.asarray(_act_seeds(local, jnp.asarray(obs))))
 
             result = evaluate(act_fn, self.env_id, num_seeds=mine.stop - mine.start,
                               num_episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
@@ -452,38 +457,75 @@ class Run:
         """A signal reached any process (all processes must stop at the same call: saves are collective)."""
         return sharding.any_process(self.stop.signal is not None)
 
-    def _end_of_call(self, stage: str, unit: str, writer: MetricsWriter, ckpt: Checkpointer, state, step: int,
-                     *, metrics: dict, params, hint: str, done: bool, eval_due: bool, save_due: bool,
-                     agents: awac.AWACState) -> dict | None:
-        """After one compiled call of a stage's loop: stop if a metric or one of `params` is not finite
-        (nothing of this call saved), evaluate `agents` when due (the last evaluation is the stage's final
-        score, returned), checkpoint when due or at the end, and stop, with a checkpoint of this call, on a
-        signal received at any moment up to here. The checkpoint meta is {unit: step, "final": scores or
-        None}."""
-        self._check_finite(stage, unit, step, metrics, params, ckpt, hint)
+    def _end_of_call(self, loop: StageLoop, writer: MetricsWriter, ckpt: Checkpointer, state, step: int,
+                     metrics: dict, done: bool) -> dict | None:
+        """After one compiled call of a stage's loop: stop if a metric or one of the loop's params is not
+        finite (nothing of this call saved), evaluate the loop's agents when due (the last evaluation is the
+        stage's final score, returned), checkpoint when due or at the end, and stop, with a checkpoint of
+        this call, on a signal received at any moment up to here. The checkpoint meta is
+        {unit: step, "final": scores or None, "done": done}."""
+        stage, unit = loop.name, loop.unit
+        self._check_finite(stage, unit, step, metrics, loop.params(state), ckpt, loop.hint)
         final = None
-        if eval_due or done:
-            scores = self._evaluate(agents)
+        if loop.agents is not None and ((loop.eval_every and step % loop.eval_every == 0) or done):
+            scores = self._evaluate(loop.agents(state))
             writer.write(stage, step, scores)
             self.log(f"[{stage}] {unit} {step}: return {np.mean(scores['return']):.1f}, "
                      f"normalized {np.mean(scores['normalized_score']):.1f}")
             final = scores if done else None
-        if save_due or done:
-            ckpt.save(step, state, {unit: step, "final": final})
+        key, meta = loop.checkpoint_key(state, step), {unit: step, "final": final, "done": done}
+        if step % loop.checkpoint_every == 0 or done:
+            ckpt.save(key, state, meta)
         if self._stopping() and not done:  # asked last, so a signal during the evaluation counts
-            ckpt.save(step, state, {unit: step, "final": final})  # (skipped when saved just above)
+            ckpt.save(key, state, meta)  # (skipped when saved just above)
             ckpt.wait()
             raise Stopped(f"[{stage}] stopped at {unit} {step}; checkpoint saved in {ckpt.directory}; "
                           "rerun the same command to resume")
         return final
 
+    def _drive(self, loop: StageLoop, writer: MetricsWriter, state) -> tuple[Any, dict | None]:
+        """The one training loop of every stage: restore the newest intact checkpoint into the placed
+        `state`, drop the metrics recorded after it, then compiled call, log, evaluate, checkpoint and
+        signal check until the loop says it is done. Returns (state, final scores or None)."""
+        ckpt = Checkpointer(self._stage_dir(loop.name))
+        progress = None
+        try:
+            step, done, final = 0, False, None
+            restored = self._restore(ckpt, state, loop.name)  # into the placed state: each process its shards
+            if restored is not None:
+                state, meta = restored
+                (step, done), final = loop.resume(state, meta), meta.get("final")
+                self.log(f"[{loop.name}] resuming from {loop.unit} {step}")
+            writer.truncate(loop.name, step)  # records after the checkpoint are redone (all without one)
+            if done:
+                self.log(f"[{loop.name}] already finished ({step} {loop.unit}s)")
+                return state, final
+            interval = {} if loop.progress_interval_s is None else {"min_interval_s": loop.progress_interval_s}
+            progress = self._progress(loop.total, loop.name, start_step=step, unit=loop.progress_unit, **interval)
+            while not done and step < loop.total:  # (a rerun may lower a step count below a checkpoint's)
+                t0 = time.perf_counter()
+                state, metrics = loop.call(state)
+                step, done = loop.advance(state, step)
+                logged, shown = loop.record(state, metrics, time.perf_counter() - t0)
+                writer.write(loop.name, step, logged)
+                progress.update(step, **shown)
+                final = self._end_of_call(loop, writer, ckpt, state, step, metrics, done) or final
+        finally:
+            ckpt.close()  # waits for a save in flight
+            if progress is not None:
+                progress.close()
+        return state, final
+
     # ------------------------------------------------------------------------------------ AWAC stage
-    def _device_dataset(self) -> awac.Batch:
+    def _policy_scale_transitions(self) -> Transitions:
+        """D_beta on the host with its actions in the policy's [-1, 1] scale."""
         t = self.dataset.transitions
-        arrays = t.as_dict()
-        if not self.actions.is_identity:
-            arrays = {**arrays, "actions": self.actions.to_unit(arrays["actions"])}
-        return sharding.replicate(awac.Batch.from_mapping(arrays), self.mesh)
+        return t if self.spaces.unit_actions else t.replace(actions=self.spaces.to_unit_actions(t.actions))
+
+    def _device_dataset(self) -> Transitions:
+        """D_beta on the run's devices, as AWAC and MB2PO read it."""
+        t = self._policy_scale_transitions().replace(next_valid=None)
+        return sharding.replicate(jax.device_put(t), self.mesh)
 
     def init_awac(self) -> awac.AWACState:
         """AWAC states [S] of every seed, placed on the run's mesh (each process fills its own shards)."""
@@ -499,41 +541,25 @@ class Run:
 
     def run_awac(self, writer: MetricsWriter) -> tuple[awac.AWACState, dict]:
         cfg = self.config
-        ckpt = Checkpointer(self._stage_dir("awac"))
-        progress = None
-        try:
-            state, step, final = self.init_awac(), 0, None
-            restored = self._restore(ckpt, state, "awac")  # into the placed state: each process its shards
-            if restored is not None:
-                state, meta = restored
-                step, final = int(meta["step"]), meta.get("final")
-                self.log(f"[awac] resuming from step {step}")
-            writer.truncate("awac", step)  # records after the checkpoint are redone (all without one)
-            if final is not None and step >= cfg.awac_steps:
-                self.log(f"[awac] already finished ({step} steps)")
-                return state, final
+        data = self._device_dataset()
+        train = awac.make_train_steps(cfg.steps_per_call)
 
-            data = self._device_dataset()
-            train = awac.make_train_steps(cfg.steps_per_call)
-            progress = self._progress(cfg.awac_steps, "awac", start_step=step)
-            while step < cfg.awac_steps:
-                t0 = time.perf_counter()
-                state, metrics = train(state, data)
-                metrics = sharding.to_host(metrics)
-                step += cfg.steps_per_call
-                rate = cfg.steps_per_call / (time.perf_counter() - t0)
-                writer.write("awac", step, {**metrics, "updates_per_s": rate})
-                progress.update(step, critic_loss=float(np.mean(metrics["critic_loss"])))
-                final = self._end_of_call(
-                    "awac", "step", writer, ckpt, state, step, metrics=metrics, params=state,
-                    hint="Lower --actor_lr/--critic_lr", done=step >= cfg.awac_steps,
-                    eval_due=step % cfg.eval_every == 0, save_due=step % cfg.checkpoint_every == 0,
-                    agents=state) or final
-        finally:
-            ckpt.close()  # waits for a save in flight
-            if progress is not None:
-                progress.close()
-        return state, final
+        def call(state):
+            state, metrics = train(state, data)
+            return state, sharding.to_host(metrics)
+
+        def record(state, metrics, seconds):
+            return ({**metrics, "updates_per_s": cfg.steps_per_call / seconds},
+                    {"critic_loss": float(np.mean(metrics["critic_loss"]))})
+
+        loop = StageLoop(
+            name="awac", unit="step", total=cfg.awac_steps, call=call, record=record,
+            resume=lambda state, meta: (int(meta["step"]),
+                                        meta.get("final") is not None and int(meta["step"]) >= cfg.awac_steps),
+            advance=lambda state, step: (step + cfg.steps_per_call, step + cfg.steps_per_call >= cfg.awac_steps),
+            params=lambda state: state, hint="Lower --actor_lr/--critic_lr", agents=lambda state: state,
+            eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
+        return self._drive(loop, writer, self.init_awac())
 
     def _finished_awac(self) -> awac.AWACState:
         """The finished AWAC stage's state (what the later stages start from)."""
@@ -551,13 +577,11 @@ class Run:
         return state
 
     # -------------------------------------------------------------------------------- dynamics stage
-    def _dynamics_transitions(self) -> dict[str, np.ndarray]:
-        """D_beta as the ensemble sees it: actions in the policy's [-1, 1] scale, true successors only."""
-        t = self.dataset.transitions
-        arrays = t.as_dict()
-        if not self.actions.is_identity:
-            arrays["actions"] = self.actions.to_unit(arrays["actions"])
-        return {**arrays, "next_valid": t.next_valid_mask}
+    def _dynamics_transitions(self) -> Transitions:
+        """D_beta as the ensemble sees it: actions in the policy's scale, and which rows have true
+        successors."""
+        t = self._policy_scale_transitions()
+        return t.replace(next_valid=t.next_valid_mask)
 
     def init_dynamics(self):
         """(ensemble states [S], epoch data [S], epoch keys [S]), placed on the run's mesh."""
@@ -569,68 +593,46 @@ class Run:
     def run_dynamics(self, writer: MetricsWriter) -> dyn.DynamicsState:
         """Trains one ensemble per seed until every seed has stopped early or `dynamics_steps` updates;
         checkpointed after every epoch (so resume is exact and loses at most one epoch)."""
-        cfg = self.config
-        dcfg = cfg.dynamics
+        cfg, dcfg = self.config, self.config.dynamics
         state, data, keys = self.init_dynamics()
-        ckpt = Checkpointer(self._stage_dir("dynamics"))
-        progress = None
-        try:
-            done, updates = False, 0
-            restored = self._restore(ckpt, state, "dynamics")
-            if restored is not None:
-                state, meta = restored
-                done = bool(meta.get("done"))
-                epoch, updates = (int(np.max(x)) for x in sharding.to_host((state.epoch, state.step)))
-                self.log(f"[dynamics] resuming after epoch {epoch} ({updates} updates)")
-            writer.truncate("dynamics", updates)
-            if done:
-                self.log("[dynamics] already finished")
-                return dyn.restore_best(state)
+        epoch_fn = dyn.make_train_epoch_seeds(dcfg)
+        num_train = data["bootstrap"].shape[-1]
+        self.log(f"[dynamics] {cfg.num_seeds} seed(s) x {dcfg.num_members} members, {num_train} training "
+                 f"/ {data['holdout_targets'].shape[1]} holdout transitions, {num_train // dcfg.batch_size} "
+                 f"updates per epoch, budget {cfg.dynamics_steps} updates")
 
-            epoch_fn = dyn.make_train_epoch_seeds(dcfg)
-            num_train = data["bootstrap"].shape[-1]
-            self.log(f"[dynamics] {cfg.num_seeds} seed(s) x {dcfg.num_members} members, {num_train} training "
-                     f"/ {data['holdout_targets'].shape[1]} holdout transitions, {num_train // dcfg.batch_size} "
-                     f"updates per epoch, budget {cfg.dynamics_steps} updates")
+        def counters(state):  # the host's view of the [S] counters (a collective on several processes)
+            return sharding.to_host(dyn.counters(state))
 
-            def counters(state):  # the host's view of the [S] counters (a collective on several processes)
-                return sharding.to_host({"since": state.epochs_since_improvement, "updates": state.step,
-                                         "epoch": state.epoch, "best_holdout_mse": state.best_holdout_mse,
-                                         "elites": state.elites})
+        def budgets(c):  # [S] updates each seed may make next; 0 once stopped
+            return dyn.epoch_budgets(c, dcfg, cfg.dynamics_steps, cfg.dynamics_early_stopping)
 
-            def stopped(c):
-                early = (c["since"] >= dcfg.max_epochs_since_improvement if cfg.dynamics_early_stopping
-                         else False)
-                return early | (c["updates"] >= cfg.dynamics_steps)
-
+        def position(state, done=None):
             c = counters(state)
-            progress = self._progress(cfg.dynamics_steps, "dynamics", start_step=int(np.min(c["updates"])),
-                                      min_interval_s=0.0)
-            while not np.all(stopped(c)):
-                budget = np.where(stopped(c), 0, cfg.dynamics_steps - c["updates"]).astype(np.int32)
-                epoch_keys = jax.vmap(jax.random.fold_in)(keys, state.epoch)
-                state, metrics = epoch_fn(state, data, epoch_keys, sharding.shard_seeds(budget, self.mesh))
-                metrics, c = sharding.to_host(metrics), counters(state)
-                step = int(np.max(c["updates"]))
-                done = bool(np.all(stopped(c)))
-                writer.write("dynamics", step, {
-                    "train_loss": metrics["train_loss"], "holdout_mse": metrics["holdout_mse"],
-                    "holdout_nll": metrics["holdout_nll"], "best_holdout_mse": c["best_holdout_mse"],
-                    "elites": c["elites"], "epoch": c["epoch"], "updates": c["updates"],
-                })
-                progress.update(step, holdout_mse=float(np.mean(metrics["holdout_mse"])),
-                                stopped=f"{int(np.sum(stopped(c)))}/{cfg.num_seeds}")
-                self._check_finite("dynamics", "update", step, metrics, (state.params, state.opt_state), ckpt,
-                                   "Lower --dynamics_lr")
-                ckpt.save(int(np.max(c["epoch"])), state, {"done": done})
-                if self._stopping() and not done:  # asked after the save: a signal up to here counts
-                    ckpt.wait()
-                    raise Stopped(f"[dynamics] stopped after epoch {int(np.max(c['epoch']))}; checkpoint "
-                                  f"saved in {ckpt.directory}; rerun the same command to resume")
-        finally:
-            ckpt.close()  # waits for a save in flight
-            if progress is not None:
-                progress.close()
+            return int(np.max(c["updates"])), bool(not budgets(c).any()) if done is None else done
+
+        def call(state):
+            epoch_keys = jax.vmap(jax.random.fold_in)(keys, state.epoch)
+            budget = sharding.shard_seeds(budgets(counters(state)), self.mesh)
+            state, metrics = epoch_fn(state, data, epoch_keys, budget)
+            return state, sharding.to_host(metrics)
+
+        def record(state, metrics, seconds):
+            c = counters(state)
+            logged = {"train_loss": metrics["train_loss"], "holdout_mse": metrics["holdout_mse"],
+                      "holdout_nll": metrics["holdout_nll"], "best_holdout_mse": c["best_holdout_mse"],
+                      "elites": c["elites"], "epoch": c["epoch"], "updates": c["updates"]}
+            return logged, {"holdout_mse": float(np.mean(metrics["holdout_mse"])),
+                            "stopped": f"{int(np.sum(budgets(c) == 0))}/{cfg.num_seeds}"}
+
+        loop = StageLoop(
+            name="dynamics", unit="update", total=cfg.dynamics_steps, call=call, record=record,
+            resume=lambda state, meta: position(state, bool(meta.get("done"))),
+            advance=lambda state, step: position(state), params=lambda state: (state.params, state.opt_state),
+            hint="Lower --dynamics_lr", checkpoint_key=lambda state, step: int(np.max(counters(state)["epoch"])),
+            progress_interval_s=0.0)
+        state, _ = self._drive(loop, writer, state)
+        c = counters(state)
         best = np.min(c["best_holdout_mse"], axis=-1)
         self.log(f"[dynamics] done: best holdout MSE per seed [{', '.join(f'{x:.4g}' for x in best)}], "
                  f"elites {c['elites'].tolist()}")
@@ -653,7 +655,7 @@ class Run:
     # ----------------------------------------------------------------------------------- MB2PO stage
     def init_mb2po(self, agents: awac.AWACState) -> mb2po.MB2POState:
         """MB2PO states [S] with empty rings, built in their layout on the run's mesh."""
-        return mb2po.init_sharded(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
+        return parallel.init_sharded(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
                                   self.mesh)
 
     def run_mb2po(self, writer: MetricsWriter, agents: awac.AWACState, dyn_state: dyn.DynamicsState):
@@ -663,48 +665,31 @@ class Run:
                  f"{mcfg.num_slots} iterations x {mcfg.rows_per_slot:,} rows, {mcfg.buffer_dtype}) + "
                  f"{rollout_bytes / 2**30:.2f} GiB per rollout; h={mcfg.horizon}, "
                  f"lambda={mcfg.penalty_coef}, omega={mcfg.omega}, penalty={mcfg.penalty}")
-        ckpt = Checkpointer(self._stage_dir("mb2po"))
-        progress = None
-        try:
-            state, it, final = self.init_mb2po(agents), 0, None
-            restored = self._restore(ckpt, state, "mb2po")
-            if restored is not None:
-                state, meta = restored
-                it, final = int(meta["iteration"]), meta.get("final")
-                self.log(f"[mb2po] resuming from iteration {it}")
-            writer.truncate("mb2po", it)
-            if final is not None and it >= mcfg.iterations:
-                self.log(f"[mb2po] already finished ({it} iterations)")
-                return state, final
+        data = self._device_dataset()
+        models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
+        models = sharding.shard_seeds(models, self.mesh)
+        step_fn = parallel.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh,
+                                             self.rollout_mesh)
 
-            data = self._device_dataset()
-            models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
-            models = sharding.shard_seeds(models, self.mesh)
-            step_fn = mb2po.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh,
-                                              self.rollout_mesh)
-            progress = self._progress(mcfg.iterations, "mb2po", start_step=it, min_interval_s=0.0,
-                                      unit="it")
-            while it < mcfg.iterations:
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, models, data)
-                metrics = sharding.to_host(metrics)
-                it += 1
-                seconds = time.perf_counter() - t0
-                writer.write("mb2po", it, {**metrics, "seconds_per_iteration": seconds})
-                progress.update(it, s_per_iter=seconds,
-                                valid=int(np.mean(metrics["rollout_num_valid"])),
-                                penalty=float(np.mean(metrics["rollout_mean_penalty"])),
-                                critic_loss=float(np.mean(metrics["critic_loss"])))
-                final = self._end_of_call(
-                    "mb2po", "iteration", writer, ckpt, state, it, metrics=metrics, params=state.agent,
-                    hint="Lower --actor_lr/--critic_lr or raise --penalty_coef", done=it >= mcfg.iterations,
-                    eval_due=it % cfg.mb2po_eval_every == 0, save_due=it % cfg.mb2po_checkpoint_every == 0,
-                    agents=state.agent) or final
-        finally:
-            ckpt.close()  # waits for a save in flight
-            if progress is not None:
-                progress.close()
-        return state, final
+        def call(state):
+            state, metrics = step_fn(state, models, data)
+            return state, sharding.to_host(metrics)
+
+        def record(state, metrics, seconds):
+            return ({**metrics, "seconds_per_iteration": seconds},
+                    {"s_per_iter": seconds, "valid": int(np.mean(metrics["rollout_num_valid"])),
+                     "penalty": float(np.mean(metrics["rollout_mean_penalty"])),
+                     "critic_loss": float(np.mean(metrics["critic_loss"]))})
+
+        loop = StageLoop(
+            name="mb2po", unit="iteration", total=mcfg.iterations, call=call, record=record,
+            resume=lambda state, meta: (int(meta["iteration"]), meta.get("final") is not None
+                                        and int(meta["iteration"]) >= mcfg.iterations),
+            advance=lambda state, it: (it + 1, it + 1 >= mcfg.iterations), params=lambda state: state.agent,
+            hint="Lower --actor_lr/--critic_lr or raise --penalty_coef", agents=lambda state: state.agent,
+            eval_every=cfg.mb2po_eval_every, checkpoint_every=cfg.mb2po_checkpoint_every,
+            progress_interval_s=0.0, progress_unit="it")
+        return self._drive(loop, writer, self.init_mb2po(agents))
 
     # ------------------------------------------------------------------------------------------ all
     def __call__(self) -> dict:

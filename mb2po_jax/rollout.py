@@ -1,34 +1,31 @@
 """Imagined rollouts in the conservative model MDP (paper section 4.3, Algorithm 1, inner loops).
 
-From each start state the current policy acts for `horizon` steps; at every step every trajectory draws an
-ensemble member uniformly (from all N members, as the paper's Algorithm 1; or from the elites), samples (s', r) from that member's Gaussian, and
-gets the penalised reward r~ = r - lambda * u(s, a). Trajectories stop at predicted termination: a
-trajectory that terminates at step k (1-based) yields exactly k valid rows, the k-th with terminal=1; later
-rows are computed (static shapes) but flagged `valid=False` and never reach a buffer.
+`imagine` is Algorithm 1's data collection for one iteration: start states drawn uniformly from D_beta,
+then `rollout`: from each start state the current policy acts for `horizon` steps; at every step every
+trajectory draws an ensemble member uniformly (from all N members, as the paper's Algorithm 1, or from the
+elites, as MOPO), samples (s', r) from that member's Gaussian (`model_step`), and gets the penalised reward
+r~ = r - lambda * u(s, a) (`penalised_reward`). Trajectories stop at predicted termination: a trajectory
+that terminates at step k (1-based) yields exactly k valid rows, the k-th with terminal=1; later rows are
+computed (static shapes) but flagged invalid and never reach a buffer.
 
-Uncertainty u(s, a), over the set M of members the rollout draws from (`members`: "all", the paper's, or
-"elites", MOPO's), sigma_i = predicted std over the obs_dim + 1 target dims [s' - s, r]:
+Uncertainty u(s, a) (`uncertainty`), over the set M of members the rollout draws from, sigma_i = predicted
+std over the obs_dim + 1 target dims [s' - s, r]:
 - "max_std" (default; the paper's max_i ||Sigma_i(s, a)||_F as SPEC reads it, "largest predicted standard
   deviation"): u = max_{i in M} ||sigma_i||_2.
 - "max_aleatoric" (MOPO's `penalty_learned_var=True`, exactly, with members="elites"): the same norm, but
-  the max runs over ALL members, elites or not (MOPO predicts with all 7 networks and samples only from the elites). Costs the
-  forward pass of the non-elite members too.
+  the max runs over ALL members, elites or not (MOPO predicts with all 7 networks and samples only from the
+  elites).
 - "ensemble_disagreement" (MOPO's `penalty_learned_var=False`): u = max_{i in M} ||mu_i^obs - mean_j
-  mu_j^obs||_2 over the next-observation dims only, the distance of each member's mean next state from the
-  ensemble average.
+  mu_j^obs||_2 over the next-observation dims only.
 
-Speed (SPEC section 4: ~2 MFLOP per imagined step, the matmuls are the floor): every step evaluates only
-the members in M (5 by default: 1.55 MFLOP per step with a 3 x 256 policy) on the shared
-[C, in] inputs; all of M's outputs are needed anyway for the penalty, so the drawn member's mean/variance
-are picked from the small feature-major [|M|, obs_dim + 1, C] output (a sum of |M| selects), and only the
-drawn member's Gaussian is sampled. Start states are processed in chunks (`lax.map` over chunks,
-`lax.scan` over the horizon inside), so activation memory is bounded by the chunk and 1M imagined steps
-are one compiled call. The member indices and the Gaussian noise of a chunk are drawn once before its
-horizon loop (on CPU each threefry draw is a small loop of its own). Every layer of the ensemble is one
-batched matmul over the members with feature-major activations ([|F|, features, C], see `dynamics._mlp`),
-the first one a single [|F| * H, in] x [in, C] matmul over the shared input; chunks are 1024
-trajectories on CPU and up to 65536 on GPU/TPU (`default_chunk_size`).
-The variance soft clamp uses a closed form (`dynamics.bounded_var`): XLA:CPU's softplus cost 13% of a step.
+How it is computed: start states are processed in chunks (`lax.map` over chunks, `lax.scan` over the
+horizon inside), so activation memory is bounded by the chunk and 1M imagined steps are one compiled call.
+Every step evaluates the members of M on the shared inputs in the network's feature-major layout
+([|M|, obs_dim + 1, C]); all of M's outputs are needed for the penalty anyway, and only the drawn member's
+Gaussian is sampled. Two scheduling choices are kept for speed (DESIGN.md): a chunk's member indices and
+Gaussian noise are drawn once before its horizon loop (`draw_chunk`), and the drawn member's row is picked
+by a sum of selects rather than a gather (`_pick_member`); `tests/test_rollout.py` checks the chunk equals
+the plain step-by-step `model_step` with the same draws.
 
 Trajectories whose prediction is not finite (state, reward or uncertainty) are stopped and that row is
 invalid, so no NaN/inf can reach the buffer. After a stop, a trajectory keeps its last valid state so the
@@ -42,9 +39,8 @@ from typing import Any, Callable
 import chex
 import jax
 import jax.numpy as jnp
-from flax import struct
-
 from mb2po_jax import dynamics as dyn
+from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.termination import TerminationFn
 
@@ -52,22 +48,6 @@ PolicyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, key, obs
 
 PENALTIES = ("max_std", "max_aleatoric", "ensemble_disagreement")
 MEMBER_SETS = ("all", "elites")  # whom a rollout draws from and penalises over
-
-
-class RolloutBatch(struct.PyTreeNode):
-    """Imagined transitions, N = horizon * num_starts rows, row t * num_starts + b = step t of start b."""
-
-    observations: jax.Array  # [N, o]
-    actions: jax.Array  # [N, a]
-    rewards: jax.Array  # [N] penalised: r - lambda * u
-    next_observations: jax.Array  # [N, o]
-    terminals: jax.Array  # [N] bool, predicted termination (only meaningful where valid)
-    valid: jax.Array  # [N] bool, False after a trajectory stopped (never store or sample these)
-    uncertainty: jax.Array  # [N] u(s, a) before multiplying by lambda
-
-    @property
-    def num_rows(self) -> int:
-        return self.valid.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +61,6 @@ class RolloutConfig:
     # Max trajectories per chunk (None: by backend, see `default_chunk_size`). Bounds activation memory
     # (|M| x chunk x 200 floats per layer) and sets the matmul shapes.
     chunk_size: int | None = None
-    # How the members are scheduled ("auto": by backend, see `resolve_layout`; or a
-    # `dynamics.ensemble_mean_var` layout: "batched", "scan", "unrolled"). Same numbers, different speed.
-    layout: str = "auto"
 
     def __post_init__(self):
         if self.penalty not in PENALTIES:
@@ -94,23 +71,13 @@ class RolloutConfig:
             raise ConfigError(
                 f"rollout: horizon and chunk_size must be >= 1, got {self.horizon}, {self.chunk_size}"
             )
-        if self.layout not in ("auto", "batched", "scan", "unrolled"):
-            raise ConfigError(f"rollout: layout must be auto, batched, scan or unrolled, got {self.layout!r}")
 
 
 def default_chunk_size() -> int:
-    """CPU: 1024 trajectories (measured on the 2-core dev CPU, batched layout: 512, 1024 and 2048 within
-    noise of each other; small chunks keep the [|F|, 200, C] activations in cache). GPU/TPU: 65536,
-    large enough to fill the device
-    (one chunk of a 1M-step iteration is 5 x 65536 x 200 x 4 B = 262 MB per activation)."""
+    """Trajectories per chunk by backend: 1024 on CPU (small chunks keep the [|M|, 200, C] activations in
+    cache), 65536 on GPU/TPU (enough to fill the device; one chunk of a 1M-step iteration is
+    5 x 65536 x 200 x 4 B = 262 MB per activation)."""
     return 1024 if jax.default_backend() == "cpu" else 65536
-
-
-def resolve_layout(layout: str) -> str:
-    """"auto" is "batched" on every backend: one kernel per layer on GPU/TPU; on the 2-core CPU, with the
-    feature-major activations, batched and "unrolled" measured the same (0.63-0.69 of the matmul rate,
-    noise of the shared machine) and "scan" (one member's whole MLP at a time) 0.56."""
-    return "batched" if layout == "auto" else layout
 
 
 def sample_start_states(key: jax.Array, observations: jax.Array, num_starts: int) -> jax.Array:
@@ -131,14 +98,49 @@ def _member_sets(dyn_state: dyn.DynamicsState, config: RolloutConfig):
     return dyn_state.elites, jnp.arange(dyn_state.elites.shape[0], dtype=jnp.int32)
 
 
-def _uncertainty(mean: jax.Array, var: jax.Array, obs_dim: int, penalty: str, feature_axis: int = -1) -> jax.Array:
-    """mean, var: [|F|, C, d] (or [|F|, d, C] with feature_axis=1) over the members the penalty runs over
-    -> u [C]."""
+def uncertainty(mean: jax.Array, var: jax.Array, obs_dim: int, penalty: str, feature_axis: int = -1) -> jax.Array:
+    """The paper's u(s, a) from the outputs of the members the penalty runs over: mean, var [|M|, C, d]
+    (or [|M|, d, C] with feature_axis=1) -> u [C]."""
     if penalty == "ensemble_disagreement":
         mu = jax.lax.slice_in_dim(mean, 0, obs_dim, axis=feature_axis)  # the added obs cancels
         return jnp.max(jnp.linalg.norm(mu - jnp.mean(mu, axis=0), axis=feature_axis), axis=0)
     # max_std / max_aleatoric: max_i ||sigma_i||_2 = sqrt(max_i sum_d var_i,d)
     return jnp.sqrt(jnp.max(jnp.sum(var, axis=feature_axis), axis=0))
+
+
+def penalised_reward(reward: jax.Array, u: jax.Array, penalty_coef: float) -> jax.Array:
+    """The conservative MDP's reward r~(s, a) = r(s, a) - lambda * u(s, a) (paper eq. for the P-MDP)."""
+    return reward - penalty_coef * u
+
+
+def model_step(obs: jax.Array, act: jax.Array, dyn_state: dyn.DynamicsState, params: dyn.Params,
+               drawn: jax.Array, eps: jax.Array, *, penalty: str, pick=None):
+    """One imagined step of C trajectories, in its plain form: every evaluated member's Gaussian at (s, a),
+    the uncertainty over them, and a sample of member `drawn` [C] (indices into params' members) with
+    standard-normal noise eps [d, C]. Returns (s' [C, o], model reward r [C], u [C]).
+    pick(z [|F|, d, C], drawn) -> [d, C] selects the drawn member's row (default: a gather)."""
+    pick = pick or (lambda z, m: jnp.take_along_axis(z, m[None, None, :], axis=0)[0])
+    x = dyn.normalize_inputs(dyn_state, obs, act)  # [C, in]
+    mean, var = dyn.ensemble_mean_var(params, x, feature_major=True)  # [|F|, d, C]
+    u = uncertainty(mean, var, dyn_state.obs_dim, penalty, feature_axis=1)
+    y = (pick(mean, drawn) + jnp.sqrt(pick(var, drawn)) * eps).T  # [C, d]: s' - s and r
+    return obs + y[:, :dyn_state.obs_dim], y[:, dyn_state.obs_dim], u
+
+
+def _pick_member(z: jax.Array, drawn: jax.Array) -> jax.Array:
+    """`model_step`'s default pick as a sum of |F| selects: one elementwise loop on XLA:CPU, where the
+    gather (and a masked reduce over members) is much slower. Same values."""
+    return sum(jnp.where(drawn == f, z[f], 0.0) for f in range(z.shape[0]))
+
+
+def draw_chunk(key: jax.Array, draw_pos: jax.Array, horizon: int, num_traj: int, target_dim: int, dtype):
+    """A chunk's random draws for its whole horizon at once (on CPU every threefry draw is a small loop of
+    its own): (policy keys [h, 2], drawn members [h, C] as positions among the evaluated members, drawn
+    uniformly from `draw_pos` as Algorithm 1's "uniformly sample T from {T_i}", noise [h, d, C])."""
+    k_policy, k_member, k_noise = jax.random.split(key, 3)
+    members = draw_pos[jax.random.randint(k_member, (horizon, num_traj), 0, draw_pos.shape[0])]
+    noise = jax.random.normal(k_noise, (horizon, target_dim, num_traj), dtype)
+    return jax.random.split(k_policy, horizon), members, noise
 
 
 def _rollout_chunk(
@@ -156,43 +158,24 @@ def _rollout_chunk(
 ):
     """One chunk: start_obs [C, o], start_alive [C] bool -> per-step arrays [horizon, C, ...].
     params: the evaluated members F (leading axis |F|); draw_pos: positions in F trajectories draw from."""
-    obs_dim = dyn_state.obs_dim
-    num_f, num_draw = params["max_logvar"].shape[0], draw_pos.shape[0]
-    lam = config.penalty_coef
-    layout = resolve_layout(config.layout)
-
-    c, d = start_obs.shape[0], obs_dim + 1
-    k_policy, k_member, k_noise = jax.random.split(key, 3)
-    # The rollout's own random draws for the whole chunk at once, before the horizon loop: on CPU every
-    # threefry draw is a small while loop of its own, and two per step cost ~5% of a rollout.
-    # Algorithm 1: "uniformly sample T from {T_i}" per trajectory and step.
-    members = draw_pos[jax.random.randint(k_member, (config.horizon, c), 0, num_draw)]  # [h, C] in [0, |F|)
-    noise = jax.random.normal(k_noise, (config.horizon, d, c), start_obs.dtype)  # [h, d, C]
+    xs = draw_chunk(key, draw_pos, config.horizon, start_obs.shape[0], dyn_state.obs_dim + 1, start_obs.dtype)
 
     def step(carry, xs):
         obs, alive = carry  # [C, o], [C]
         k_pi, drawn, eps = xs  # key, [C], [d, C]
         act = policy_fn(policy_params, k_pi, obs)  # [C, a]
-        x = dyn.normalize_inputs(dyn_state, obs, act)  # [C, in]
-        # Feature-major [|F|, d, C], the network's own layout: the penalty's reductions and the member
-        # select run along contiguous rows, and only the drawn member's sample [d, C] is transposed.
-        mean, var = dyn.ensemble_mean_var(params, x, layout, feature_major=True)
-        u = _uncertainty(mean, var, obs_dim, config.penalty, feature_axis=1)  # [C]
-        # The drawn member's row, as a sum of |F| selects (one elementwise loop; a masked reduce over the
-        # member axis ran ~10x slower on XLA:CPU).
-        pick = lambda z: sum(jnp.where(drawn == f, z[f], 0.0) for f in range(num_f))  # [d, C]
-        y = (pick(mean) + jnp.sqrt(pick(var)) * eps).T  # [C, d]
-        next_obs, reward = obs + y[:, :obs_dim], y[:, obs_dim]
+        next_obs, reward, u = model_step(obs, act, dyn_state, params, drawn, eps, penalty=config.penalty,
+                                         pick=_pick_member)
         finite = jnp.all(jnp.isfinite(next_obs), axis=-1) & jnp.isfinite(reward) & jnp.isfinite(u)
         valid = alive & finite
         done = termination_fn(obs, act, next_obs) & valid
         alive_next = valid & ~done
-        out = (obs, act, reward - lam * u, next_obs, done, valid, u, reward, alive & ~finite)
+        out = (obs, act, penalised_reward(reward, u, config.penalty_coef), next_obs, done, valid, u, reward,
+               alive & ~finite)
         # Stopped trajectories keep their last valid state so the masked steps stay finite.
         obs = jnp.where(alive_next[:, None], next_obs, obs)
         return (obs, alive_next), out
 
-    xs = (jax.random.split(k_policy, config.horizon), members, noise)
     _, outs = jax.lax.scan(step, (start_obs, start_alive), xs)
     return outs
 
@@ -206,10 +189,12 @@ def rollout(
     policy_fn: PolicyFn,
     termination_fn: TerminationFn,
     config: RolloutConfig = RolloutConfig(),
-) -> tuple[RolloutBatch, dict[str, jax.Array]]:
+) -> tuple[Transitions, jax.Array, dict[str, jax.Array]]:
     """Pure, jittable (close over / mark static everything after `start_obs`).
 
-    start_obs: [B, o]. Returns (RolloutBatch with horizon * B rows, metrics). Metrics (scalars):
+    start_obs: [B, o]. Returns (transitions with horizon * B rows, row t * B + b = step t of start b;
+    rewards penalised, terminals the predicted termination as 0/1 floats; valid [horizon * B] bool, False
+    after a trajectory stopped (never store or sample those rows); metrics). Metrics (scalars):
     `mean_raw_reward`, `mean_penalty` (lambda * u), `mean_uncertainty` (averages over valid rows),
     `fraction_terminated` (of the B trajectories), `num_valid`, `num_nonfinite` (rows dropped for a
     non-finite prediction).
@@ -244,10 +229,8 @@ def rollout(
         return x[:, :b].reshape((config.horizon * b,) + x.shape[2:])
 
     obs, act, rew, next_obs, done, valid, u, raw_rew, nonfinite = (time_major(x) for x in outs)
-    batch = RolloutBatch(
-        observations=obs, actions=act, rewards=rew, next_observations=next_obs,
-        terminals=done, valid=valid, uncertainty=u,
-    )
+    transitions = Transitions(observations=obs, actions=act, rewards=rew, next_observations=next_obs,
+                              terminals=done.astype(rew.dtype))
     num_valid = jnp.sum(valid)
     denom = jnp.maximum(num_valid, 1).astype(jnp.float32)
     vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / denom
@@ -259,15 +242,26 @@ def rollout(
         "num_valid": num_valid,
         "num_nonfinite": jnp.sum(nonfinite),
     }
-    return batch, metrics
+    return transitions, valid, metrics
+
+
+def imagine(key: jax.Array, policy_params: Any, dyn_state: dyn.DynamicsState, dataset_observations: jax.Array,
+            num_starts: int, *, policy_fn: PolicyFn, termination_fn: TerminationFn,
+            config: RolloutConfig = RolloutConfig()) -> tuple[Transitions, jax.Array, dict[str, jax.Array]]:
+    """Algorithm 1's data collection for one iteration (pure): `num_starts` start states drawn uniformly
+    from D_beta's observations [N, o], rolled out in the model (`rollout`'s outputs)."""
+    k_start, k_roll = jax.random.split(key)
+    start = sample_start_states(k_start, dataset_observations, num_starts)
+    return rollout(k_roll, policy_params, dyn_state, start, policy_fn=policy_fn, termination_fn=termination_fn,
+                   config=config)
 
 
 def make_rollout_fn(
     policy_fn: PolicyFn,
     termination_fn: TerminationFn,
     config: RolloutConfig = RolloutConfig(),
-) -> Callable[[jax.Array, Any, dyn.DynamicsState, jax.Array], tuple[RolloutBatch, dict[str, jax.Array]]]:
-    """Jitted `fn(key, policy_params, dyn_state, start_obs [B, o]) -> (RolloutBatch, metrics)`; B is
+) -> Callable[[jax.Array, Any, dyn.DynamicsState, jax.Array], tuple[Transitions, jax.Array, dict]]:
+    """Jitted `fn(key, policy_params, dyn_state, start_obs [B, o]) -> (transitions, valid, metrics)`; B is
     chunked by `config.chunk_size`, so 1M imagined steps (B = 1M / horizon) is one call with memory bounded
     by the chunk plus the output."""
 

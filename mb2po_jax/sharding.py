@@ -70,13 +70,6 @@ def run_mesh(num_seeds: int, devices: list | None = None) -> Mesh | None:
     return Mesh(np.asarray(_flatten(chosen)), (SEED_AXIS,))
 
 
-def seed_mesh(num_seeds: int, devices: list | None = None) -> Mesh | None:
-    """1-D seed mesh over the devices the seeds are split across; None when that is a single device."""
-    if num_seeds == 1:
-        return None
-    return run_mesh(num_seeds, devices)
-
-
 def _flatten(per_process: dict[int, list]) -> list:
     return [d for p in sorted(per_process) for d in per_process[p]]
 
@@ -174,7 +167,7 @@ def cpu_layout(num_seeds: int, n: int, strict: bool = True,
     - n <= 1, or a request that cannot be met with strict=False: the default (`run_mesh(num_seeds)`, None).
     - num_seeds a multiple of n (> 1): a seed mesh over the n devices, each running its own seeds.
     - otherwise: every stage on the first device, and each MB2PO rollout split over a batch mesh of the n
-      devices (`mb2po.make_iteration_fn(rollout_mesh=)`).
+      devices (`parallel.make_iteration_fn(rollout_mesh=)`).
     strict: a request that cannot be met is a ConfigError naming --cpu_devices."""
     if n < 1 and strict:
         raise ConfigError(f"--cpu_devices={n} must be at least 1")

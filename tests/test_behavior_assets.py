@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from data_factories import hopper_unhealthy
-from mb2po_jax import sac
-from mb2po_jax.data import behavior, d4rl, generation, load_dataset, read_d4rl_hdf5
+from mb2po_jax import behavior
+from mb2po_jax.behavior import generation, sac
+from mb2po_jax.data import d4rl, load_dataset, read_d4rl_hdf5, registry
 from mb2po_jax.data.cli import run
 from mb2po_jax.errors import DataError
 
@@ -53,7 +54,7 @@ def fake_run(workdir, curve=CURVE):
             params = random_actor(rng)
             behavior.save_actor(os.path.join(workdir, "snapshots", f"actor_{step:09d}.npz"), params,
                                 step=step, env_step=step, eval_return=ret)
-            norm = float(behavior.registry.normalized_score("hopper", ret))
+            norm = float(registry.normalized_score("hopper", ret))
             f.write(json.dumps({"stage": "behavior", "step": step, "return": ret, "normalized_score": norm}) + "\n")
     return workdir
 
@@ -151,7 +152,7 @@ def test_single_policy_kinds(made, kind):
                 "behavior_assets_sha256"):
         assert meta[key], key
     # The log-probabilities are those of the shipped actor's own distribution at the recorded actions.
-    params, _ = behavior.load_actor(os.path.join(generation.behavior_asset_dir("Hopper-v5"), f"{kind}.npz"))
+    params, _ = behavior.load_actor(os.path.join(behavior.behavior_asset_dir("Hopper-v5"), f"{kind}.npz"))
     inside = np.all(np.abs(raw["actions"]) < 0.99, axis=1)  # float32 actions near +-1 lose the tanh's inverse
     assert inside.sum() > 10
     log_prob = sac.policy(params, raw["observations"][inside]).log_prob(raw["actions"][inside])
@@ -198,7 +199,7 @@ def test_medium_expert_reuses_cached_halves_only_when_they_match(made, tmp_path,
     """Cached local medium and expert files of the same seed and sizes are read, not rolled out again, and the
     result is byte-identical to a medium-expert made from scratch; a cached half of another seed is not used."""
     scratch = made("medium-expert", 120, 4)  # the local cache is empty for this one (fresh MB2PO_DATA_DIR)
-    local = generation.registry.local_name_for("hopper", "medium").path
+    local = registry.local_name_for("hopper", "medium").path
     assert local.startswith(str(tmp_path)) and not os.path.exists(local)
     generation.generate("hopper", "medium", size=60, seed=4)
     generation.generate("hopper", "expert", size=60, seed=5)  # another seed: must not be reused
@@ -288,7 +289,7 @@ def test_missing_assets_name_the_directory_and_how_to_make_them(tmp_path, monkey
     with pytest.raises(DataError, match="manifest.json: not a behaviour-asset manifest"):
         generation.generate("hopper", "medium", size=10, path=str(tmp_path / "x.hdf5"))
     monkeypatch.delenv("MB2PO_BEHAVIOR_DIR")  # then the shipped assets are the ones looked for
-    assert generation.behavior_asset_dir("Walker2d-v5") == os.path.join(generation.PACKAGE_BEHAVIOR_DIR, "walker2d")
+    assert behavior.behavior_asset_dir("Walker2d-v5") == os.path.join(behavior.PACKAGE_BEHAVIOR_DIR, "walker2d")
 
 
 def test_assets_for_another_env_or_missing_files_are_refused(asset_root, tmp_path, monkeypatch):

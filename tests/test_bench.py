@@ -2,20 +2,23 @@
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from mb2po_jax.bench import awac as bench_awac
+from benchmarks import awac as bench_awac
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the checkout: `python -m benchmarks` runs from here
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
     script = shutil.which("mb2po-bench", path=os.path.dirname(sys.executable))
-    cmd = [script] if script else [sys.executable, "-c", "from mb2po_jax.bench import run; run()"]
+    cmd = [script] if script else [sys.executable, "-m", "benchmarks"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
 
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -84,7 +87,7 @@ def torch_one_thread():
 
 def test_torch_reference_update_reduces_critic_loss_on_a_fixed_batch(torch_one_thread):
     torch = torch_one_thread
-    from mb2po_jax.bench import torch_reference as tr
+    from benchmarks import torch_reference as tr
 
     torch.manual_seed(0)
     batch = tr.sample(tr.random_dataset(1000, 5, 2), 64)
@@ -92,7 +95,7 @@ def test_torch_reference_update_reduces_critic_loss_on_a_fixed_batch(torch_one_t
 
     def critic_loss() -> float:
         with torch.no_grad():
-            next_q = agent._min_q(agent.targets, batch["next_observations"],
+            next_q = agent.min_q(agent.targets, batch["next_observations"],
                                   agent.actor.mean(batch["next_observations"]).clamp(-1, 1))
             y = batch["rewards"] + agent.gamma * (1 - batch["terminals"]) * next_q
             return sum(((c(batch["observations"], batch["actions"]) - y) ** 2).mean() for c in agent.critics).item()
@@ -162,18 +165,18 @@ def test_model_based_benchmarks_run_on_a_batch_mesh_of_cpu_host_devices(name, ar
 
 def test_more_devices_than_the_process_has_is_one_clear_error():
     code = ("import jax; jax.devices()\n"  # the backend is up: the host device count is fixed at 1
-            "from mb2po_jax.bench.common import bench_mesh\n"
+            "from benchmarks.common import bench_mesh\n"
             "from mb2po_jax.errors import ConfigError\n"
             "try:\n    bench_mesh(3)\nexcept ConfigError as e:\n    print(e)\n")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=dict(env, JAX_PLATFORMS="cpu"))
+                          env=dict(env, JAX_PLATFORMS="cpu"), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "--devices=3: only 1 cpu device(s)" in proc.stdout
 
 
 def test_projected_paper_protocol_hours_scales_the_timed_sizes_to_the_papers():
-    from mb2po_jax.bench.mb2po import projected_paper_protocol_hours as hours
+    from benchmarks.mb2po import projected_paper_protocol_hours as hours
 
     # Paper size (`mb2po-bench all`): 500 iterations as timed.
     assert hours(36.0, 1_000_000, 1000, 0.7) == pytest.approx(5.0)

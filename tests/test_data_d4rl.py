@@ -389,7 +389,7 @@ def test_d4rl_names_resolve_to_the_model_d4rl_collected_in(name):
 
 
 def test_each_source_meets_the_model_its_data_came_from(tmp_path):
-    from mb2po_jax.data import generation
+    from mb2po_jax.behavior import generation
 
     os.makedirs(tmp_path / "d4rl")
     raw = {k: np.zeros((20, 17), np.float32) if k.endswith("observations") else v

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data_factories import hopper_unhealthy
-from mb2po_jax.data import generation, load_dataset, read_d4rl_hdf5, registry
+from mb2po_jax.behavior import generation
+from mb2po_jax.data import load_dataset, read_d4rl_hdf5, registry
 from mb2po_jax.errors import DataError
 
 
@@ -27,8 +28,8 @@ def test_same_seed_gives_byte_identical_files(tmp_path, generate):
 
 def test_random_is_the_initial_sac_policy_and_uniform_is_uniform(tmp_path):
     """D4RL's random data comes from a randomly initialised SAC policy, not from uniform actions."""
-    from mb2po_jax import sac
-    from mb2po_jax.data import behavior
+    from mb2po_jax import behavior
+    from mb2po_jax.behavior import sac
 
     n = 3000  # x 3 action dims
     generation.generate_random("Hopper-v5", n, 0, str(tmp_path / "random.hdf5"))
@@ -104,7 +105,7 @@ def test_every_kind_has_a_generator_and_a_d4rl_size():
     assert list(generation.GENERATORS) == list(registry.LOCAL_KINDS)
     assert generation.DEFAULT_SIZES == {"random": 1_000_000, "uniform": 1_000_000, "medium": 1_000_000,
                                         "expert": 1_000_000, "medium-expert": 2_000_000}  # medium-replay: the run's own
-    assert set(generation.RECIPES) == set(registry.LOCAL_KINDS)
+    assert set(registry.RECIPES) == set(registry.LOCAL_KINDS)
 
 
 def test_sac_kinds_without_assets_say_where_they_looked(tmp_path):
@@ -131,7 +132,7 @@ def test_default_dataset_is_generated_once(tmp_path, monkeypatch, capsys):
     assert generation.ensure_default_dataset() == path
     assert capsys.readouterr().err == ""
     assert os.stat(path).st_mtime_ns == stamp
-    ds = load_dataset(generation.DEFAULT_DATASET)
+    ds = load_dataset(registry.DEFAULT_DATASET)
     assert ds.num_transitions == 150 and ds.env_id == "Hopper-v5"
     with h5py.File(path, "r") as f:
         assert f["metadata"].attrs["mb2po_jax_version"]

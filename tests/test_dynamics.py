@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mb2po_jax import dynamics as dyn
-from mb2po_jax.rollout import _uncertainty
+from mb2po_jax.rollout import uncertainty
 
 OBS, ACT = 3, 2
 NOISE_STD = np.array([0.05, 0.1, 0.2, 0.1])  # [delta_obs..., reward]
@@ -75,7 +75,7 @@ def test_disagreement_grows_far_from_the_data(trained):
         mean, std = dyn.predict(state, jnp.asarray(s), jnp.asarray(a))
         spread = np.asarray(mean)[..., :OBS].std(axis=0).mean()  # std of the members' means
         # The rollout engine's ensemble-disagreement penalty on the same predictions.
-        penalty = float(jnp.mean(_uncertainty(mean, jnp.square(std), OBS, "ensemble_disagreement")))
+        penalty = float(jnp.mean(uncertainty(mean, jnp.square(std), OBS, "ensemble_disagreement")))
         rows.append((spread, penalty))
     # Not asserted: the "max_std" penalty (largest predicted aleatoric std). On this homoscedastic system
     # the learned std SHRINKS away from the data (~0.28 inside, ~0.06 at 5x the range): nothing in the
@@ -187,18 +187,14 @@ def test_soft_clamped_variance_matches_mbpo_formula_and_bounds():
     np.testing.assert_allclose(float(aux["logvar_bound_loss"]), 0.01 * 3 * 4 * (0.5 + 10.0), rtol=1e-6)
 
 
-def test_member_layouts_compute_the_same_ensemble():
+def test_ensemble_forms_compute_the_same_members():
     state = _tiny_state(num_members=3)
     x = jax.random.normal(jax.random.PRNGKey(5), (7, OBS + ACT))
-    fn = jax.jit(dyn.ensemble_mean_var, static_argnums=2)
-    ref_mean, ref_var = fn(state.params, x, "batched")
+    fn = jax.jit(dyn.ensemble_mean_var)
+    ref_mean, ref_var = fn(state.params, x)
     assert ref_mean.shape == ref_var.shape == (3, 7, OBS + 1)
-    for layout in ("scan", "unrolled"):
-        mean, var = fn(state.params, x, layout)
-        np.testing.assert_allclose(np.asarray(mean), np.asarray(ref_mean), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(var), np.asarray(ref_var), rtol=1e-5, atol=1e-7)
     # The shared-input first layer (one [E*H, in] matmul) equals per-member inputs (the training path).
-    per_member = fn(state.params, jnp.broadcast_to(x, (3,) + x.shape), "batched")
+    per_member = fn(state.params, jnp.broadcast_to(x, (3,) + x.shape))
     np.testing.assert_allclose(np.asarray(per_member[0]), np.asarray(ref_mean), rtol=1e-5, atol=1e-6)
     # The rollout's feature-major [E, d, B] output is the same numbers.
     fm_mean, fm_var = jax.jit(functools.partial(dyn.ensemble_mean_var, feature_major=True))(state.params, x)
@@ -206,8 +202,7 @@ def test_member_layouts_compute_the_same_ensemble():
     np.testing.assert_array_equal(np.asarray(fm_var), np.swapaxes(np.asarray(ref_var), 1, 2))
     # Member e of the batched form is member e's own network.
     one = dyn.take_members(state.params, jnp.array([1]))
-    np.testing.assert_allclose(np.asarray(fn(one, x, "batched")[0][0]), np.asarray(ref_mean[1]), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fn(one, x)[0][0]), np.asarray(ref_mean[1]), rtol=1e-5, atol=1e-6)
 
 
 def test_state_round_trips_through_a_checkpoint(trained, tmp_path):

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mb2po_jax import awac, buffer as buf, config as config_lib, mb2po, pipeline
+from mb2po_jax import awac, buffer as buf, config as config_lib, mb2po, parallel, pipeline
+from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.termination import hopper_termination, never_terminate
@@ -40,10 +41,9 @@ def _agents(num_seeds=2, obs_dim=OBS, act_dim=ACT):
 def _dataset(n=300, obs_dim=OBS, act_dim=ACT, seed=0):
     rng = np.random.default_rng(seed)
     obs = rng.normal(size=(n, obs_dim)).astype(np.float32)
-    return awac.Batch.from_mapping({
-        "observations": obs, "actions": rng.uniform(-0.9, 0.9, (n, act_dim)),
-        "rewards": np.full(n, 7.0), "next_observations": obs, "terminals": np.zeros(n),
-    })
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    return Transitions(observations=f32(obs), actions=f32(rng.uniform(-0.9, 0.9, (n, act_dim))),
+                       rewards=f32(np.full(n, 7.0)), next_observations=f32(obs), terminals=f32(np.zeros(n)))
 
 
 def _stack(tree, s):
@@ -57,7 +57,7 @@ def test_iteration_fills_the_ring_with_penalised_model_rows():
     cfg = mb2po.MB2POConfig(iterations=3, imagined_steps=100, updates_per_iteration=5, num_slots=2,
                             horizon=4, penalty_coef=2.0)
     state = mb2po.init_seeds(_agents(), cfg, OBS, ACT)
-    step = mb2po.make_iteration_fn(cfg, never_terminate)
+    step = parallel.make_iteration_fn(cfg, never_terminate)
     models, data = _stack(dyn_state, 2), _dataset()
     for k in range(3):
         state, metrics = step(state, models, data)
@@ -87,7 +87,7 @@ def test_terminated_trajectories_stop_adding_rows():
     data = _dataset()
     data = data.replace(observations=jnp.asarray(np.tile([[1.25, 0.0]], (300, 1)), jnp.float32))
     state = mb2po.init_seeds(_agents(), cfg, OBS, ACT)
-    state, metrics = mb2po.make_iteration_fn(cfg, hopper_termination)(state, _stack(dyn_state, 2), data)
+    state, metrics = parallel.make_iteration_fn(cfg, hopper_termination)(state, _stack(dyn_state, 2), data)
     assert metrics["rollout_num_valid"].tolist() == [20, 20]  # 10 starts x 2 steps
     assert np.asarray(state.buffer.counts).tolist() == [[20], [20]]
     assert np.asarray(state.buffer.terminals)[:, :20].sum() == 2 * 10
@@ -95,12 +95,12 @@ def test_terminated_trajectories_stop_adding_rows():
 
 def test_memory_check_refuses_what_cannot_fit():
     cfg = mb2po.MB2POConfig()  # the paper's ring: 100 x 1M rows
-    ring, _ = mb2po.check_fits(cfg, 11, 3, 1, available_bytes=None)
+    ring, _ = parallel.check_fits(cfg, 11, 3, 1, available_bytes=None)
     assert abs(ring / 2**30 - 9.8) < 0.5  # 100 x 1M x (26 floats + 1 byte)
     with pytest.raises(ConfigError, match=r"num_slots.*imagined_steps.*bfloat16"):
-        mb2po.check_fits(cfg, 11, 3, 4, available_bytes=24 * 2**30)
+        parallel.check_fits(cfg, 11, 3, 4, available_bytes=24 * 2**30)
     small = mb2po.MB2POConfig(imagined_steps=50_000, num_slots=20)
-    mb2po.check_fits(small, 11, 3, 4, available_bytes=24 * 2**30)
+    parallel.check_fits(small, 11, 3, 4, available_bytes=24 * 2**30)
 
 
 def _run(workdir, data, **overrides):

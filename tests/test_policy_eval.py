@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mb2po_jax
-from mb2po_jax import awac, config as config_lib, mb2po, pipeline
+from mb2po_jax import awac, config as config_lib, mb2po, parallel, pipeline
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.errors import ConfigError, Mb2poError, WorkdirError
 from test_pipeline import _write_hopper_file
@@ -64,7 +64,7 @@ def test_load_policy_acts_as_the_training_state_without_reading_the_ring(finishe
     default = mb2po_jax.load_policy(workdir)  # the newest finished stage: mb2po
     monkeypatch.setattr(Checkpointer, "restore", real_restore)
 
-    ring = mb2po.state_bytes(run.config.mb2po, 11, 3, num_seeds=2)
+    ring = parallel.ring_bytes(run.config.mb2po, 11, 3, num_seeds=2)
     for tree in restored:
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
         assert not any("buffer" in p or "critic" in p or "opt_state" in p for p in paths), paths
@@ -74,7 +74,7 @@ def test_load_policy_acts_as_the_training_state_without_reading_the_ring(finishe
     obs[..., 0] += 1.25
     states = _training_states(workdir, run)
     for (stage, seed), policy in policies.items():
-        expected = run.actions.to_env(np.asarray(awac.act_seeds(states[stage], obs)))[seed]
+        expected = run.spaces.from_unit_actions(np.asarray(awac.act_seeds(states[stage], obs)))[seed]
         np.testing.assert_allclose(np.asarray(policy(obs[seed])), expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(policy(obs[seed, 0])), expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(default(obs[0])), np.asarray(policies["mb2po", 0](obs[0])))

@@ -21,7 +21,7 @@ def test_readme_commands_come_first():
 
 
 def test_python_example_runs(tmp_path, monkeypatch, capsys):
-    from mb2po_jax.data import generation
+    from mb2po_jax.behavior import generation
 
     monkeypatch.setenv("MB2PO_DATA_DIR", str(tmp_path / "data"))
     # The example as written, on a shorter default dataset (the full 105k rows take a minute to roll out;

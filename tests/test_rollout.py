@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.rollout import init_tanh_gaussian_policy, tanh_gaussian_policy_fn
 from mb2po_jax import dynamics as dyn
 from mb2po_jax import rollout as ro
-from mb2po_jax.bench.rollout import init_tanh_gaussian_policy, tanh_gaussian_policy_fn
 from mb2po_jax.termination import never_terminate
 
 OBS, ACT = 2, 1
@@ -73,10 +73,10 @@ def test_penalty_equals_hand_computed_value(penalty, members):
         u = np.linalg.norm(mu - mu.mean(0), axis=-1).max()
     lam = 2.5
     cfg = ro.RolloutConfig(horizon=2, penalty_coef=lam, penalty=penalty, members=members, chunk_size=64)
-    batch, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
+    batch, _, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
         jax.random.PRNGKey(1), None, state, jnp.zeros((16, OBS))
     )
-    np.testing.assert_allclose(np.asarray(batch.uncertainty), u, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["mean_uncertainty"]), u, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(batch.rewards), 1.0 - lam * u, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(metrics["mean_penalty"]), lam * u, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["mean_raw_reward"]), 1.0, rtol=1e-5)
@@ -93,11 +93,11 @@ def test_trajectory_terminating_at_step_k_yields_k_valid_rows():
     start = np.stack([0.5 - k, np.arange(b)], axis=1).astype(np.float32)
     stop_at_positive_x = lambda obs, act, next_obs: next_obs[:, 0] > 0
     cfg = ro.RolloutConfig(horizon=h, penalty_coef=0.0, chunk_size=5)
-    batch, metrics = ro.make_rollout_fn(zero_policy, stop_at_positive_x, cfg)(
+    batch, valid, metrics = ro.make_rollout_fn(zero_policy, stop_at_positive_x, cfg)(
         jax.random.PRNGKey(0), None, state, jnp.asarray(start)
     )
-    assert batch.observations.shape == (h * b, OBS) and batch.valid.shape == (h * b,)
-    valid = np.asarray(batch.valid).reshape(h, b)  # row t * B + b
+    assert batch.observations.shape == (h * b, OBS) and valid.shape == (h * b,)
+    valid = np.asarray(valid).reshape(h, b)  # row t * B + b
     done = np.asarray(batch.terminals).reshape(h, b)
     obs = np.asarray(batch.observations).reshape(h, b, OBS)
     next_obs = np.asarray(batch.next_observations).reshape(h, b, OBS)
@@ -124,10 +124,10 @@ def test_member_choice_is_uniform_over_the_member_set(penalty, members):
     state = hand_state(means, np.full((e, D), -200.0), [4, 0, 2], min_logvar=-60.0)
     b = 6000
     cfg = ro.RolloutConfig(horizon=1, penalty=penalty, members=members, chunk_size=1024)
-    batch, _ = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
+    batch, valid, _ = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
         jax.random.PRNGKey(3), None, state, jnp.zeros((b, OBS))
     )
-    assert batch.valid.shape == (b,) and bool(batch.valid.all())
+    assert valid.shape == (b,) and bool(valid.all())
     chosen = np.rint(np.asarray(batch.next_observations[:, 0])).astype(int)
     allowed = [0, 2, 4] if members == "elites" else list(range(e))
     counts = np.bincount(chosen, minlength=e)
@@ -142,14 +142,14 @@ def test_non_finite_predictions_never_become_valid_rows():
     state = hand_state(means, np.full((2, D), -3.0), [0, 1])
     h, b = 5, 200
     cfg = ro.RolloutConfig(horizon=h, chunk_size=64)
-    batch, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
+    batch, rows, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
         jax.random.PRNGKey(0), None, state, jnp.zeros((b, OBS))
     )
-    valid = np.asarray(batch.valid).reshape(h, b)
+    valid = np.asarray(rows).reshape(h, b)
     assert 0 < valid.sum() < h * b
     assert np.all(np.cumprod(valid, axis=0) == valid)  # once stopped, stopped
-    assert np.isfinite(np.asarray(batch.next_observations)[np.asarray(batch.valid)]).all()
-    assert np.isfinite(np.asarray(batch.rewards)[np.asarray(batch.valid)]).all()
+    assert np.isfinite(np.asarray(batch.next_observations)[np.asarray(rows)]).all()
+    assert np.isfinite(np.asarray(batch.rewards)[np.asarray(rows)]).all()
     assert int(metrics["num_nonfinite"]) == b - valid[-1].sum()
 
 
@@ -163,10 +163,46 @@ def test_real_networks_and_policy_shapes_and_counts():
     start = jax.random.normal(jax.random.PRNGKey(3), (50, OBS))
     cfg = ro.RolloutConfig(horizon=3, chunk_size=16)
     fn = ro.make_rollout_fn(tanh_gaussian_policy_fn, never_terminate, cfg)
-    batch, metrics = fn(jax.random.PRNGKey(4), policy, state, start)
-    again, _ = fn(jax.random.PRNGKey(4), policy, state, start)
-    assert batch.num_rows == 150 and int(metrics["num_valid"]) == 150
+    batch, _, metrics = fn(jax.random.PRNGKey(4), policy, state, start)
+    again, _, _ = fn(jax.random.PRNGKey(4), policy, state, start)
+    assert len(batch) == 150 and int(metrics["num_valid"]) == 150
     np.testing.assert_array_equal(np.asarray(batch.observations[:50]), np.asarray(start))
     assert np.all(np.abs(np.asarray(batch.actions)) <= 1.0)
     np.testing.assert_array_equal(np.asarray(batch.rewards), np.asarray(again.rewards))
-    assert batch.rewards.dtype == jnp.float32 and batch.terminals.dtype == jnp.bool_
+    assert batch.rewards.dtype == jnp.float32 and batch.terminals.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("members", ["all", "elites"])
+def test_chunk_equals_the_plain_model_step_with_the_same_draws(members):
+    """The scan over a chunk (pre-drawn members and noise, members picked by a sum of selects) gives the
+    rows of the plain form: `model_step` with a gather, step by step, with the same draws."""
+    cfg = dyn.DynamicsConfig(num_members=4, num_elites=3, hidden_dims=(16, 16), weight_decay=(0.0,) * 3)
+    state = dyn.init_dynamics(jax.random.PRNGKey(0), OBS, ACT, cfg, jax.random.normal(jax.random.PRNGKey(1),
+                                                                                     (64, OBS + ACT)))
+    state = state.replace(elites=jnp.asarray([3, 0, 1], jnp.int32))
+    policy = init_tanh_gaussian_policy(jax.random.PRNGKey(2), OBS, ACT, hidden=(16,))
+    h, b, lam = 4, 24, 0.7
+    start = jax.random.normal(jax.random.PRNGKey(3), (b, OBS))
+    rcfg = ro.RolloutConfig(horizon=h, penalty_coef=lam, members=members, chunk_size=b)  # one chunk
+    key = jax.random.PRNGKey(4)
+    batch, valid, _ = ro.make_rollout_fn(tanh_gaussian_policy_fn, never_terminate, rcfg)(key, policy, state, start)
+
+    evaluated, draw_pos = ro._member_sets(state, rcfg)
+    params = dyn.take_members(state.params, evaluated)
+    (chunk_key,) = jax.random.split(key, 1)  # `rollout` splits its key over the chunks
+    policy_keys, drawn, noise = ro.draw_chunk(chunk_key, draw_pos, h, b, OBS + 1, jnp.float32)
+    obs = start
+    for t in range(h):
+        act = tanh_gaussian_policy_fn(policy, policy_keys[t], obs)
+        next_obs, reward, u = ro.model_step(obs, act, state, params, drawn[t], noise[t], penalty=rcfg.penalty)
+        rows = slice(t * b, (t + 1) * b)
+        np.testing.assert_allclose(np.asarray(batch.actions[rows]), np.asarray(act), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(batch.next_observations[rows]), np.asarray(next_obs), rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(batch.rewards[rows]), np.asarray(ro.penalised_reward(reward, u, lam)),
+                                   rtol=1e-4, atol=1e-5)
+        obs = next_obs
+    assert bool(np.asarray(valid).all())
+    # Every drawn member was one the rollout may draw from.
+    assert set(np.unique(np.asarray(evaluated)[np.asarray(drawn)])) <= set(
+        np.asarray(state.elites if members == "elites" else evaluated).tolist())

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from mb2po_jax import sac
-from mb2po_jax.data import behavior
+from mb2po_jax import behavior
+from mb2po_jax.behavior import sac
+from mb2po_jax.data import registry
 
 
 def test_sac_learns_pendulum(tmp_path):
@@ -98,7 +99,7 @@ def test_select_policies_follows_d4rl_recipe(tmp_path):
              35000: 1100.0, 40000: 1250.0, 45000: 2500.0, 50000: 3300.0, 55000: 3150.0, 60000: 3000.0}
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step, ret in curve.items():
-            norm = float(behavior.registry.normalized_score("hopper", ret))
+            norm = float(registry.normalized_score("hopper", ret))
             f.write(json.dumps({"stage": "behavior", "step": step, "return": ret, "normalized_score": norm}) + "\n")
     out = behavior.select_policies(str(tmp_path), "Hopper-v5")
     assert out["expert"]["step"] == 50000  # best of the last 20 % (steps >= 48000)

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {here!r})
     import jax, numpy as np
-    from mb2po_jax import awac, mb2po, sharding
+    from mb2po_jax import awac, mb2po, parallel, sharding
     from mb2po_jax.termination import never_terminate
     from test_mb2po import _agents, _dataset, _stack
     from test_rollout import hand_state, OBS, ACT
@@ -28,8 +28,8 @@ SCRIPT = textwrap.dedent("""
     cfg = mb2po.MB2POConfig(imagined_steps=200, updates_per_iteration=20, num_slots=2, horizon=4)
     models = _stack(hand_state(np.array([[0.1, -0.1, 1.0]] * 3), np.full((3, 3), -2.0), [0, 1, 2]), 4)
     data = _dataset()
-    mesh = sharding.seed_mesh(4)
-    step = mb2po.make_iteration_fn(cfg, never_terminate)
+    mesh = sharding.run_mesh(4)
+    step = parallel.make_iteration_fn(cfg, never_terminate)
     train = awac.make_train_steps(20)
     results = []
     for shard in (False, True):
@@ -58,7 +58,7 @@ ONE_SEED_SCRIPT = textwrap.dedent("""
     import json, re, sys
     sys.path.insert(0, {here!r})
     import jax, numpy as np
-    from mb2po_jax import awac, mb2po, sharding
+    from mb2po_jax import awac, mb2po, parallel, sharding
     from mb2po_jax.termination import never_terminate
     from test_mb2po import _agents, _dataset, _stack
     from test_rollout import hand_state, OBS, ACT
@@ -70,8 +70,8 @@ ONE_SEED_SCRIPT = textwrap.dedent("""
     mesh = sharding.run_mesh(1)
     results = []
     for m in (None, mesh):
-        step = mb2po.make_iteration_fn(cfg, never_terminate, m)
-        state = mb2po.init_sharded(jax.tree.map(np.array, agents), cfg, OBS, ACT, m)  # donated below
+        step = parallel.make_iteration_fn(cfg, never_terminate, m)
+        state = parallel.init_sharded(jax.tree.map(np.array, agents), cfg, OBS, ACT, m)  # donated below
         d, dyn = sharding.replicate(_dataset(), m), sharding.shard_seeds(models, m)
         hlo = step.lower(state, dyn, d).compile().as_text()
         for _ in range(2):
@@ -99,7 +99,7 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
     import json, logging, sys
     sys.path.insert(0, {here!r})
     import jax, numpy as np
-    from mb2po_jax import awac, mb2po, sharding
+    from mb2po_jax import awac, mb2po, parallel, sharding
     from mb2po_jax.termination import never_terminate
     from test_mb2po import _agents, _dataset, _stack
     from test_rollout import hand_state, OBS, ACT
@@ -117,7 +117,7 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
     layouts = {{s: [None if m is None else [m.axis_names[0], m.size] for m in sharding.cpu_layout(s, 2)]
                for s in (1, 2, 3, 4)}}
     for rollout_mesh in (None, sharding.cpu_layout(3, 2)[1]):
-        step = mb2po.make_iteration_fn(cfg, never_terminate, None, rollout_mesh)
+        step = parallel.make_iteration_fn(cfg, never_terminate, None, rollout_mesh)
         state = mb2po.init_seeds(jax.tree.map(np.array, agents), cfg, OBS, ACT)  # donated below
         jax.config.update("jax_log_compiles", rollout_mesh is not None)
         for _ in range(3):
@@ -145,9 +145,9 @@ def _run_on_host_devices(tmp_path, script_text, devices=4):
 def test_seed_mesh_handles_counts_that_do_not_divide():
     devices = ["d0", "d1", "d2", "d3"]
     with pytest.warns(UserWarning, match="using 2 of them"):
-        assert sharding.seed_mesh(6, devices).size == 2
-    assert sharding.seed_mesh(4, devices[:1]) is None  # one device: nothing to shard
-    assert sharding.seed_mesh(8, devices).size == 4
+        assert sharding.run_mesh(6, devices).size == 2
+    assert sharding.run_mesh(4, devices[:1]) is None  # one device: nothing to shard
+    assert sharding.run_mesh(8, devices).size == 4
 
 
 def test_sharded_seeds_equal_unsharded_run(tmp_path):

@@ -1,4 +1,4 @@
-"""The behaviour policies shipped in mb2po_jax/assets/behavior/<env>/ load and reach their documented returns.
+"""The behaviour policies shipped in mb2po_jax/behavior/assets/<env>/ load and reach their documented returns.
 
 manifest.json records each exported actor's evaluation during its SAC run: the mean return of 10 deterministic
 episodes, reset seeds from `seed + 100_000` (`behavior.train_behavior`). The slow test repeats that evaluation
@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mb2po_jax import sac
-from mb2po_jax.data import behavior, generation, registry
+from mb2po_jax import behavior
+from mb2po_jax.behavior import sac
+from mb2po_jax.data import registry
 from mb2po_jax.data.envs import env_spaces
 from mb2po_jax.evaluation import evaluate
 
-SHIPPED = sorted(env for env in os.listdir(generation.PACKAGE_BEHAVIOR_DIR)
-                 if os.path.isfile(os.path.join(generation.PACKAGE_BEHAVIOR_DIR, env, "manifest.json")))
+SHIPPED = sorted(env for env in os.listdir(behavior.PACKAGE_BEHAVIOR_DIR)
+                 if os.path.isfile(os.path.join(behavior.PACKAGE_BEHAVIOR_DIR, env, "manifest.json")))
 
 
 def test_policies_ship_for_the_three_benchmark_envs():
@@ -30,7 +31,7 @@ def test_policies_ship_for_the_three_benchmark_envs():
 
 def evaluate_shipped(env: str, kind: str, num_episodes: int):
     """(episode returns [num_episodes], manifest entry) of the shipped `kind` actor, evaluated as in training."""
-    asset_dir = os.path.join(generation.PACKAGE_BEHAVIOR_DIR, env)
+    asset_dir = os.path.join(behavior.PACKAGE_BEHAVIOR_DIR, env)
     manifest = behavior.read_manifest(asset_dir)
     params, _ = behavior.load_actor(os.path.join(asset_dir, manifest[kind]["file"]))
     greedy = jax.jit(sac.deterministic_action)

@@ -7,9 +7,11 @@
     mb2po-data train-behavior --env hopper --workdir W [--total_steps N] [--seed S]
     mb2po-data export-behavior W --out DIR [--replay_every N]
 
-The SAC-based kinds are rollouts of one online SAC run's policies (`mb2po_jax.data.behavior`):
+The SAC-based kinds are rollouts of one online SAC run's policies (`mb2po_jax.behavior`):
 `train-behavior` trains them (resumable: run it again to continue), `export-behavior` writes the small
-assets that `generate` reads from $MB2PO_BEHAVIOR_DIR/<env>/ or the shipped mb2po_jax/assets/behavior/<env>/.
+assets that `generate` reads from $MB2PO_BEHAVIOR_DIR/<env>/ or the shipped mb2po_jax/behavior/assets/<env>/.
+This command line is the one entry point to the behaviour tooling, so it imports `mb2po_jax.behavior` (which
+imports `mb2po_jax.data`, never the other way round).
 
 Bad input never shows a traceback: the problem is printed as one line `error: ...` on stderr, exit status 1.
 """
@@ -25,9 +27,11 @@ import sys
 
 import numpy as np
 
-from mb2po_jax.errors import ConfigError, DataError, Mb2poError
-from mb2po_jax.data import generation, registry
+from mb2po_jax import behavior
+from mb2po_jax.behavior import generation
+from mb2po_jax.data import registry
 from mb2po_jax.data.loader import load_dataset
+from mb2po_jax.errors import ConfigError, DataError, Mb2poError
 
 
 def _summary(ds) -> str:
@@ -132,8 +136,6 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_train_behavior(args) -> int:
-    from mb2po_jax.data import behavior
-
     env_id = registry.env_id_for(args.env)
     saved = behavior.read_run_settings(args.workdir)  # resuming: the run's own settings, not flag defaults
     _, seed, config = saved or (env_id, 0, behavior.BehaviorConfig())
@@ -157,7 +159,7 @@ def _cmd_train_behavior(args) -> int:
         medium = summary["medium"]
         line += f"; expert step {summary['expert']['step']}, " + (
             f"medium step {medium['step']}; next: mb2po-data export-behavior {args.workdir} --out "
-            f"{generation.behavior_asset_dir(env_id)}"
+            f"{behavior.behavior_asset_dir(env_id)}"
             if medium else "no medium policy (no evaluation near a third of the expert's return)")
     print(line)
     return 0
@@ -168,8 +170,6 @@ def _number(x) -> str:
 
 
 def _cmd_export_behavior(args) -> int:
-    from mb2po_jax.data import behavior
-
     if not os.path.isfile(os.path.join(args.workdir, "run.json")):
         raise DataError(f"{args.workdir}: no behaviour run there (no run.json); train one with "
                         f"`mb2po-data train-behavior --env ENV --workdir {args.workdir}`")
@@ -191,11 +191,11 @@ def _use_assets_hint(out: str, env_id: str) -> str:
     env = registry.env_key(env_id) or env_id
     out = os.path.abspath(out)
     command = f"mb2po-data generate --env {env} --kind medium"
-    if out == os.path.join(generation.PACKAGE_BEHAVIOR_DIR, env):
+    if out == os.path.join(behavior.PACKAGE_BEHAVIOR_DIR, env):
         return f"generate with `{command}`"
     if os.path.basename(out) == env:
-        return f"generate with `{generation.BEHAVIOR_DIR_VAR}={os.path.dirname(out)} {command}`"
-    return f"generate looks in ${generation.BEHAVIOR_DIR_VAR}/{env}/: move or link the directory there"
+        return f"generate with `{behavior.BEHAVIOR_DIR_VAR}={os.path.dirname(out)} {command}`"
+    return f"generate looks in ${behavior.BEHAVIOR_DIR_VAR}/{env}/: move or link the directory there"
 
 
 def _parser() -> argparse.ArgumentParser:

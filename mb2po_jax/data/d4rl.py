@@ -213,7 +213,7 @@ def transitions_from_d4rl(
     returns, lengths = episode_stats(_flat(raw, "rewards"), ends)
 
     if "next_observations" in raw:
-        transitions = Transitions(
+        transitions = Transitions.from_numpy(
             observations=obs,
             actions=actions,
             rewards=rewards,
@@ -227,7 +227,7 @@ def transitions_from_d4rl(
     next_obs[:-1] = obs[1:]
     next_obs[terminals] = obs[terminals]  # placeholder; masked by (1 - done) and by next_valid
     next_valid = (~terminals).astype(np.float32)
-    transitions = Transitions(
+    transitions = Transitions.from_numpy(
         observations=obs[keep],
         actions=actions[keep],
         rewards=rewards[keep],

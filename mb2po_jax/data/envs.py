@@ -69,8 +69,18 @@ class EnvSpaces:
         return int(self.act_shape[0])
 
     def from_unit_actions(self, action) -> np.ndarray:
-        """A policy's action in (-1, 1)^act_dim (SAC's tanh) -> the env's [act_low, act_high], float64."""
+        """A policy's action in (-1, 1)^act_dim (a tanh policy's: SAC, AWAC) -> the env's [act_low,
+        act_high], float64."""
         return self.act_low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self.act_high - self.act_low)
+
+    def to_unit_actions(self, action) -> np.ndarray:
+        """The env's actions -> the policy's [-1, 1] scale, float32 (the inverse of `from_unit_actions`)."""
+        return (2.0 * (action - self.act_low) / (self.act_high - self.act_low) - 1.0).astype(np.float32)
+
+    @property
+    def unit_actions(self) -> bool:
+        """Whether the env's action bounds already are [-1, 1] (no rescaling needed)."""
+        return bool(np.all(self.act_low == -1.0) and np.all(self.act_high == 1.0))
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,7 +6,7 @@ import logging
 import os
 
 from mb2po_jax.errors import DataError
-from mb2po_jax.data import d4rl, generation, registry, validation
+from mb2po_jax.data import d4rl, registry, validation
 from mb2po_jax.data.transitions import Dataset
 
 HDF5_SUFFIXES = (".hdf5", ".h5")
@@ -132,7 +132,7 @@ def load_dataset(name_or_path: str, env_id: str | None = None, *, validate: bool
         )
     if validate:
         if kind == "local":  # a local name promises its kind's current recipe
-            generation.check_recipe(registry.parse_local_name(s), metadata, path)
+            registry.check_recipe(registry.parse_local_name(s), metadata, path)
         validation.validate_raw(raw, path, env_id)
     else:
         validation.check_structure(raw, path)

@@ -132,7 +132,7 @@ def load_minari(dataset_id: str, env_id: str | None = None, *, validate: bool = 
     ends = np.zeros(lengths.sum(), bool)
     ends[np.cumsum(lengths) - 1] = True
     returns, lengths = episode_stats(raw["rewards"].reshape(-1), ends)
-    transitions = Transitions(
+    transitions = Transitions.from_numpy(
         observations=raw["observations"].astype(np.float32),
         actions=raw["actions"].astype(np.float32),
         rewards=raw["rewards"].reshape(-1).astype(np.float32),

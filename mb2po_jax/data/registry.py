@@ -19,14 +19,22 @@ GYM_NAMES = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walk
 _ALIASES = {"walker": "walker2d", "cheetah": "halfcheetah"}  # "walker" is D4RL v0's walker_mixed.hdf5
 
 # Dataset kinds made with D4RL's recipe (SPEC section 2; random = the randomly initialised SAC policy), plus
-# `uniform` (uniform random actions, not a D4RL kind); generation.py makes each.
+# `uniform` (uniform random actions, not a D4RL kind); behavior/generation.py makes each.
 LOCAL_KINDS = ("random", "uniform", "medium", "medium-replay", "expert", "medium-expert")
 LOCAL_SUFFIX = "-local"
+# metadata/algorithm of each kind's files. A local file whose recipe differs (a `random` file of uniform
+# actions, made before random became the initial SAC policy) is refused by name (`check_recipe`).
+RECIPES = {"random": "sac_init", "uniform": "uniform_random", "medium": "sac", "medium-replay": "sac",
+           "expert": "sac", "medium-expert": "sac"}
+# The built-in default of `mb2po-train`: a medium-replay dataset (where MB2PO has something to show, paper
+# Table 1), rolled out from the shipped hopper behaviour policies on first use
+# (`mb2po_jax.behavior.generation.ensure_default_dataset`).
+DEFAULT_DATASET = "hopper-medium-replay-local"
 
 # D4RL's locomotion files (v0-v2) were collected in gym's v3 MuJoCo environments. Gymnasium's v4 keeps those
 # models on the `mujoco` bindings; v5 changed them (Walker2d's right foot friction 0.9 -> 1.9, no healthy
 # reward on Hopper's and Walker2d's terminating step), so D4RL data is evaluated in v4. Our generated
-# datasets (generation.py) and Minari's MuJoCo datasets are collected in v5.
+# datasets (behavior/generation.py) and Minari's MuJoCo datasets are collected in v5.
 D4RL_ENV_VERSION = "v4"
 DEFAULT_ENV_VERSION = "v5"
 
@@ -149,3 +157,12 @@ def local_name_for(env: str, kind: str) -> LocalName:
             f"unknown environment {env!r}; use one of {', '.join(sorted(GYM_NAMES))} or a Gymnasium id"
         )
     return LocalName(env=key, kind=kind)
+
+
+def check_recipe(local: LocalName, metadata: dict, path: str) -> None:
+    """DataError if the file of local dataset `local` was made with another recipe than its kind's now."""
+    made, expected = metadata.get("algorithm"), RECIPES.get(local.kind)
+    if metadata.get("kind") == local.kind and made is not None and made != expected:
+        raise DataError(
+            f"{local.name}: {path} was made by an older recipe (algorithm {made}, now {expected}); make it again "
+            f"with `mb2po-data generate --env {local.env} --kind {local.kind} --force`")

@@ -1,57 +1,61 @@
-"""Host-side containers for offline RL data: `Transitions` (flat arrays) and `Dataset` (transitions + provenance)."""
+"""The one transition type (`Transitions`: the offline dataset, the model ring's samples, an imagined
+rollout's output and every AWAC minibatch) and `Dataset` (a dataset's transitions plus provenance)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+from flax import struct
+
+_FIELDS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
-@dataclasses.dataclass(frozen=True)
-class Transitions:
-    """One row per transition (s, a, r, s', done); host numpy arrays, all float32.
+class Transitions(struct.PyTreeNode):
+    """One row per transition (s, a, r, s', done): host numpy arrays when read from a file, device arrays
+    inside the compiled steps (a pytree, so `jax.device_put`, `jax.tree.map` and indexing by rows apply).
 
-    `terminals` is 1.0 only where the environment really terminated (the critic target drops the bootstrap
-    there); time-limit truncations are 0.0 so the critic bootstraps through them.
+    `terminals` is 1.0 only where the environment (or the model's termination rule) really terminated: the
+    critic target drops the bootstrap there; time-limit truncations are 0.0 so the critic bootstraps
+    through them.
 
-    `next_valid` (optional, [N]) is 0.0 where `next_observations[i]` is NOT the true successor state: this only
-    happens for terminal rows of files without `next_observations` (the successor was never recorded; the row
-    holds a copy of `observations[i]`). Such rows are right for the critic, whose target ignores s' when
-    done=1, but must not be used as dynamics-model targets. None means every row is valid.
+    `next_valid` (optional, [N]) is 0.0 where `next_observations[i]` is NOT the true successor state: this
+    only happens for terminal rows of files without `next_observations` (the successor was never recorded;
+    the row holds a copy of `observations[i]`). Such rows are right for the critic, whose target ignores s'
+    when done=1, but must not be dynamics-model targets. None means every row is valid.
     """
 
-    observations: np.ndarray  # [N, obs_dim]
-    actions: np.ndarray  # [N, act_dim]
-    rewards: np.ndarray  # [N]
-    next_observations: np.ndarray  # [N, obs_dim]
-    terminals: np.ndarray  # [N]
-    next_valid: np.ndarray | None = None  # [N] or None (= all ones)
+    observations: Any  # [N, obs_dim]
+    actions: Any  # [N, act_dim]
+    rewards: Any  # [N]
+    next_observations: Any  # [N, obs_dim]
+    terminals: Any  # [N]
+    next_valid: Any = None  # [N] or None (= all ones)
 
-    def __post_init__(self):
-        n = self.observations.shape[0]
-        if self.observations.ndim != 2 or self.actions.ndim != 2:
-            raise ValueError(
-                f"Transitions: observations and actions must be 2-D, got {self.observations.shape} "
-                f"and {self.actions.shape}"
-            )
-        if self.next_observations.shape != self.observations.shape:
-            raise ValueError(
-                f"Transitions: next_observations {self.next_observations.shape} != observations "
-                f"{self.observations.shape}"
-            )
-        for field, value in (("actions", self.actions), ("rewards", self.rewards),
-                             ("terminals", self.terminals)):
-            if value.shape[0] != n:
-                raise ValueError(f"Transitions: {field} has {value.shape[0]} rows, observations {n}")
-        if self.rewards.shape != (n,) or self.terminals.shape != (n,):
-            raise ValueError(
-                f"Transitions: rewards/terminals must be [N], got {self.rewards.shape}/{self.terminals.shape}"
-            )
-        if self.next_valid is not None and self.next_valid.shape != (n,):
-            raise ValueError(f"Transitions: next_valid must be [{n}], got {self.next_valid.shape}")
-        for field, value in (*self.as_dict().items(), ("next_valid", self.next_valid)):
+    @classmethod
+    def from_numpy(cls, **arrays: np.ndarray) -> "Transitions":
+        """Host transitions with their shapes and dtypes (float32) checked; raises ValueError naming the
+        field. What loaders build; compiled code builds `Transitions(...)` directly."""
+        t = cls(**arrays)
+        n = t.observations.shape[0]
+        if t.observations.ndim != 2 or t.actions.ndim != 2:
+            raise ValueError(f"Transitions: observations and actions must be 2-D, got {t.observations.shape} "
+                             f"and {t.actions.shape}")
+        if t.next_observations.shape != t.observations.shape:
+            raise ValueError(f"Transitions: next_observations {t.next_observations.shape} != observations "
+                             f"{t.observations.shape}")
+        if t.actions.shape[0] != n:
+            raise ValueError(f"Transitions: actions has {t.actions.shape[0]} rows, observations {n}")
+        for field in ("rewards", "terminals", "next_valid"):
+            value = getattr(t, field)
+            if value is not None and value.shape != (n,):
+                raise ValueError(f"Transitions: {field} must be [{n}], got {value.shape}")
+        for field in (*_FIELDS, "next_valid"):
+            value = getattr(t, field)
             if value is not None and value.dtype != np.float32:
                 raise ValueError(f"Transitions: {field} must be float32, got {value.dtype}")
+        return t
 
     def __len__(self) -> int:
         return int(self.observations.shape[0])
@@ -71,15 +75,9 @@ class Transitions:
             return np.ones(len(self), np.float32)
         return self.next_valid
 
-    def as_dict(self) -> dict[str, np.ndarray]:
+    def as_dict(self) -> dict[str, Any]:
         """The five core arrays by field name (`next_valid` is left out; use `next_valid_mask`)."""
-        return {
-            "observations": self.observations,
-            "actions": self.actions,
-            "rewards": self.rewards,
-            "next_observations": self.next_observations,
-            "terminals": self.terminals,
-        }
+        return {field: getattr(self, field) for field in _FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)

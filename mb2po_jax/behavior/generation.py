@@ -1,18 +1,17 @@
 """Making D4RL-style datasets in Gymnasium's MuJoCo environments (SPEC section 2: D4RL's recipe).
 
 `random` = D4RL's "randomly initialized policy": the stochastic policy of the behaviour SAC actor at its
-initialisation (`behavior.initial_actor`, the network of the medium/expert policies, seeded with the dataset's
+initialisation (`train.initial_actor`, the network of the medium/expert policies, seeded with the dataset's
 seed; no assets needed). `uniform` = uniform random actions (not a D4RL kind; what `random` files held until
-2026-12-05: `RECIPES` makes the loader refuse those by local name). The SAC-based kinds are rollouts of the
-behaviour policies of one online SAC run (`mb2po_jax.data.behavior`, which trains them and exports them as
-small assets):
+2026-12-05: `registry.RECIPES` makes the loader refuse those by local name). The SAC-based kinds are rollouts of the
+behaviour policies of one online SAC run (`train` trains them, `export` writes them as small assets):
   medium, expert   the stochastic policy of the exported medium / expert actor, `size` steps
-  medium-replay    the run's sequence of behaviour policies up to the medium one (`behavior.medium_replay_policy`)
+  medium-replay    the run's sequence of behaviour policies up to the medium one (`policies.medium_replay_policy`)
   medium-expert    the medium rows, then the expert rows (same seed), as D4RL concatenates its two files
-Assets: $MB2PO_BEHAVIOR_DIR/<env>/ if that variable is set, else the shipped mb2po_jax/assets/behavior/<env>/
-(<env> = hopper, halfcheetah, walker2d, or the Gymnasium id of other envs). All six kinds are in `GENERATORS`;
-random and the SAC ones import `behavior` only when called: it imports the data package, so importing it here
-at the top would close an import cycle (mb2po_jax.data imports this module).
+Assets: $MB2PO_BEHAVIOR_DIR/<env>/ if that variable is set, else the shipped mb2po_jax/behavior/assets/<env>/
+(<env> = hopper, halfcheetah, walker2d, or the Gymnasium id of other envs). All six kinds are in `GENERATORS`.
+This module lives in `behavior/`, not `data/`, because five of the six kinds are rollouts of behaviour
+policies: it imports `data` (formats, names, environments) and `data` never imports it, so imports flow one way.
 
 Files have D4RL's layout: observations, actions, rewards, next_observations (float32), terminals and timeouts
 (bool; terminal = the environment terminated, timeout = the time limit truncated), infos/qpos and infos/qvel
@@ -24,22 +23,26 @@ between AVX2 and AVX-512 machines).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from typing import Callable
 
+import gymnasium
+import jax
 import numpy as np
 
-import mb2po_jax
-from mb2po_jax.errors import DataError
+from mb2po_jax.behavior import policies, train
+from mb2po_jax.behavior.policies import BEHAVIOR_DIR_VAR, behavior_asset_dir
 from mb2po_jax.data import d4rl, registry
 from mb2po_jax.data.envs import env_spaces, make_env
+from mb2po_jax.errors import DataError
 from mb2po_jax.logger import Progress
+from mb2po_jax.version import __version__
 
 MAX_EPISODE_STEPS = 1000  # D4RL's locomotion episodes
-# The built-in default of `mb2po-train`: a medium-replay dataset (where MB2PO has something to show, paper
-# Table 1), rolled out from the shipped hopper behaviour policies on first use; None = its full size.
-DEFAULT_DATASET = "hopper-medium-replay-local"
+# The size of `registry.DEFAULT_DATASET` (the built-in default of `mb2po-train`, rolled out from the shipped
+# hopper behaviour policies on first use, `ensure_default_dataset`); None = its full size.
 DEFAULT_DATASET_SIZE: int | None = None
 DEFAULT_SEED = 0
 
@@ -48,9 +51,7 @@ Policy = Callable[[np.ndarray], tuple[np.ndarray, float]]
 
 
 def _library_versions() -> dict:
-    import gymnasium
-
-    versions = {"mb2po_jax_version": mb2po_jax.__version__, "gymnasium_version": gymnasium.__version__}
+    versions = {"mb2po_jax_version": __version__, "gymnasium_version": gymnasium.__version__}
     try:
         import mujoco
 
@@ -134,24 +135,20 @@ def rollout(env_id: str, policy: Policy, size: int, seed: int,
 def generate_random(env_id: str, size: int, seed: int, path: str,
                     max_episode_steps: int = MAX_EPISODE_STEPS) -> str:
     """D4RL's random kind: the stochastic policy of a freshly initialised behaviour SAC actor
-    (`behavior.initial_actor(env_id, seed)`, the actor `train-behavior --seed seed` starts from), sampled with
+    (`train.initial_actor(env_id, seed)`, the actor `train-behavior --seed seed` starts from), sampled with
     `seed` as the medium/expert kinds sample theirs; `size` steps written to `path` (atomically). Returns `path`.
 
     At initialisation the actor's mean and log-std heads are near 0 (small output init), so the actions are
     close to tanh(N(0, 1)) in every state, not uniform: fewer near 0 (|a| < 0.5: ~42 % against 50 %), more
     at 0.6 < |a| < 0.99, each with its own log-probability.
     """
-    import jax
-
-    from mb2po_jax.data import behavior
-
     env_id = registry.env_id_for(env_id)
-    config = behavior.BehaviorConfig().sac
-    policy = behavior.policy_fn(behavior.initial_actor(env_id, seed), seed)
+    config = train.BehaviorConfig().sac
+    policy = policies.policy_fn(train.initial_actor(env_id, seed), seed)
     arrays = rollout(env_id, _in_env_bounds(policy, env_id), size, seed, max_episode_steps,
                      desc=f"random {env_id}")
     metadata = {
-        "algorithm": RECIPES["random"],
+        "algorithm": registry.RECIPES["random"],
         "kind": "random",
         "env_id": env_id,
         "seed": int(seed),
@@ -185,7 +182,7 @@ def generate_uniform(env_id: str, size: int, seed: int, path: str,
 
     arrays = rollout(env_id, policy, size, seed, max_episode_steps, desc=f"uniform {env_id}")
     metadata = {
-        "algorithm": RECIPES["uniform"],
+        "algorithm": registry.RECIPES["uniform"],
         "kind": "uniform",
         "env_id": env_id,
         "seed": int(seed),
@@ -201,24 +198,7 @@ def generate_uniform(env_id: str, size: int, seed: int, path: str,
 # medium policy (the assets' manifest), so it has no fixed default.
 DEFAULT_SIZES = {"random": 1_000_000, "uniform": 1_000_000, "medium": 1_000_000, "expert": 1_000_000,
                  "medium-expert": 2_000_000}
-BEHAVIOR_DIR_VAR = "MB2PO_BEHAVIOR_DIR"
-PACKAGE_BEHAVIOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "assets", "behavior")
 SAC_KINDS = ("medium", "medium-replay", "expert", "medium-expert")
-
-
-# metadata/algorithm of each kind's files. A local file whose recipe differs (a `random` file of uniform
-# actions, made before random became the initial SAC policy) is refused by name (`check_recipe`).
-RECIPES = {"random": "sac_init", "uniform": "uniform_random", **{kind: "sac" for kind in SAC_KINDS}}
-
-
-def check_recipe(local: registry.LocalName, metadata: dict, path: str) -> None:
-    """DataError if the file of local dataset `local` was made with another recipe than its kind's now."""
-    made, expected = metadata.get("algorithm"), RECIPES.get(local.kind)
-    if metadata.get("kind") == local.kind and made is not None and made != expected:
-        raise DataError(
-            f"{local.name}: {path} was made by an older recipe (algorithm {made}, now {expected}); make it again "
-            f"with `mb2po-data generate --env {local.env} --kind {local.kind} --force`")
 
 
 def _default_size(generate_fn: Callable[..., str], kind: str) -> Callable[[str, int | None, int, str], str]:
@@ -229,16 +209,6 @@ def _default_size(generate_fn: Callable[..., str], kind: str) -> Callable[[str, 
 
 
 # ------------------------------------------------------------------------------------- SAC-based kinds
-def behavior_asset_dir(env_id: str) -> str:
-    """Where the behaviour-policy assets of `env_id` are looked up.
-
-    $MB2PO_BEHAVIOR_DIR/<env>, when the variable is set, replaces the shipped mb2po_jax/assets/behavior/<env>
-    rather than adding to it: which policies made a dataset should never depend on what else is installed.
-    """
-    root = os.environ.get(BEHAVIOR_DIR_VAR) or PACKAGE_BEHAVIOR_DIR
-    return os.path.join(root, registry.env_key(env_id) or env_id)
-
-
 def _missing_assets(env_id: str, asset_dir: str, what: str) -> DataError:
     env = registry.env_key(env_id) or env_id
     return DataError(
@@ -257,16 +227,15 @@ def _asset_files(manifest: dict, kinds: tuple[str, ...]) -> list[str]:
 
 
 def load_behavior_assets(env_id: str, kinds: tuple[str, ...]) -> tuple[str, dict]:
-    """(asset dir, manifest) for `env_id`, checked to hold the actor files of `kinds`; DataError otherwise."""
-    from mb2po_jax.data import behavior
-
+    """(asset dir, manifest) for `env_id` (`policies.behavior_asset_dir`), checked to hold the actor files of
+    `kinds`; DataError otherwise."""
     asset_dir = behavior_asset_dir(env_id)
     if not os.path.isdir(asset_dir):
         raise _missing_assets(env_id, asset_dir, "no such directory")
     if not os.path.isfile(os.path.join(asset_dir, "manifest.json")):
         raise _missing_assets(env_id, asset_dir, "no manifest.json")
     try:
-        manifest = behavior.read_manifest(asset_dir)
+        manifest = policies.read_manifest(asset_dir)
         files = _asset_files(manifest, kinds)
     except (ValueError, KeyError, TypeError) as e:  # torn or foreign manifest
         raise DataError(
@@ -283,10 +252,6 @@ def load_behavior_assets(env_id: str, kinds: tuple[str, ...]) -> tuple[str, dict
 def _provenance(asset_dir: str, manifest: dict, kinds: tuple[str, ...]) -> dict:
     """Metadata naming the behaviour run and the exact asset files (sha256 of the manifest, then the actors)
     a dataset was made from, and JAX's version: the policies sample with JAX's PRNG and kernels."""
-    import hashlib
-
-    import jax
-
     digest = hashlib.sha256()
     for name in ["manifest.json", *_asset_files(manifest, kinds)]:
         with open(os.path.join(asset_dir, name), "rb") as f:
@@ -312,17 +277,15 @@ def _in_env_bounds(policy: Policy, env_id: str) -> Policy:
 def _sac_rollout(env_id: str, asset_dir: str, manifest: dict, kind: str, size: int | None, seed: int,
                  max_episode_steps: int) -> tuple[dict[str, np.ndarray], int]:
     """Arrays of one single-policy-sequence kind (medium, expert, medium-replay) and the rows made."""
-    from mb2po_jax.data import behavior
-
     if kind == "medium-replay":
-        policy, transitions = behavior.medium_replay_policy(asset_dir, seed)
+        policy, transitions = policies.medium_replay_policy(asset_dir, seed)
         if size is not None and size > transitions:
             raise DataError(
                 f"medium-replay of {env_id} has {transitions} transitions (the behaviour run's steps up to the "
                 f"medium policy, {asset_dir}); cannot make {size}")
         size = transitions if size is None else size
     else:
-        policy = behavior.asset_policy(asset_dir, kind, seed)
+        policy = policies.asset_policy(asset_dir, kind, seed)
         size = DEFAULT_SIZES[kind] if size is None else size
     arrays = rollout(env_id, _in_env_bounds(policy, env_id), size, seed, max_episode_steps, desc=f"{kind} {env_id}")
     return arrays, size
@@ -441,13 +404,13 @@ def generate(env: str, kind: str, *, size: int | None = None, seed: int = DEFAUL
 
 
 def ensure_default_dataset() -> str:
-    """Path of DEFAULT_DATASET, generating it (DEFAULT_DATASET_SIZE transitions, None = the kind's default)
-    on first use."""
-    local = registry.parse_local_name(DEFAULT_DATASET)
+    """Path of `registry.DEFAULT_DATASET`, generating it (DEFAULT_DATASET_SIZE transitions, None = the kind's
+    default) on first use."""
+    local = registry.parse_local_name(registry.DEFAULT_DATASET)
     path = local.path
     if not os.path.isfile(path):
         print(
-            f"mb2po-data: generating the default dataset {DEFAULT_DATASET} "
+            f"mb2po-data: generating the default dataset {registry.DEFAULT_DATASET} "
             f"({DEFAULT_DATASET_SIZE or 'all'} transitions, {local.env_id}, seed {DEFAULT_SEED}) at {path}",
             file=sys.stderr,
             flush=True,

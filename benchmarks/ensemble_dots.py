@@ -6,10 +6,10 @@ One training update of the 7-member ensemble (batch 256, feature-major activatio
 both operands. This times each alone (100 chained in one compiled scan), to separate what the matmul
 kernels allow from what the rest of an update costs (`mb2po-bench dynamics` times whole updates).
 
-    python experiments/ensemble_dots.py
-    python experiments/ensemble_dots.py --eigen   # dots to Eigen, YNNPACK kept for reductions
-    taskset -c 0 python experiments/ensemble_dots.py   # one core: against the one-core matmul rate
-    python experiments/ensemble_dots.py --compare_torch   # + the same products in PyTorch's BLAS (MKL on x86)
+    python -m benchmarks.ensemble_dots
+    python -m benchmarks.ensemble_dots --eigen   # dots to Eigen, YNNPACK kept for reductions
+    taskset -c 0 python -m benchmarks.ensemble_dots   # one core: against the one-core matmul rate
+    python -m benchmarks.ensemble_dots --compare_torch   # + the same products in PyTorch's BLAS (MKL on x86)
 
 `--eigen` compiles the timed functions with `compiler_options={"xla_cpu_experimental_ynn_fusion_type":
 "LIBRARY_FUSION_TYPE_REDUCE"}`: a per-function XLA option, the rest of the process is untouched.
@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mb2po_jax.bench.common import matmul_flops_per_s, time_call
+from benchmarks.common import matmul_flops_per_s, time_call
 
 E, I, O, B, R = 7, 200, 200, 256, 100
 

@@ -3,9 +3,9 @@
 Each variant compiles `dynamics.make_train_epoch`'s epoch with one piece swapped, and all of them are timed
 in one process, one call each in turn, so the shared machine's drift hits all of them alike. Printed: the
 median over rounds of (today's time / the variant's time), > 1 = faster, and the fastest call of each.
-BUILD_NOTES.md ("Dynamics update and rollout step, fourth pass") records a run.
+RESULTS.md ("Evidence behind design choices") records a run.
 
-    python experiments/dynamics_variants.py [--rounds 8] [--updates 100]
+    python -m benchmarks.dynamics_variants [--rounds 8] [--updates 100]
 
 Variants:
 - nn_wgrad_eigen: a custom VJP per layer whose weight gradient is the NN dot `eib,ebo->eio` on a
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ensemble_dots import EIGEN_DOTS  # the script's own folder is on sys.path
+from benchmarks.ensemble_dots import EIGEN_DOTS
 from mb2po_jax import dynamics as dyn
 
 barrier = jax.lax.optimization_barrier

@@ -17,10 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mb2po_jax import dynamics as dyn
-from mb2po_jax.bench.common import (
+from benchmarks.common import (
     backward_flops, block, dense_flops, hlo_matmul_flops, matmul_flops_per_s, time_call,
 )
+from mb2po_jax import dynamics as dyn
 
 
 def run(
@@ -51,7 +51,7 @@ def run(
     seconds = time_call(lambda: epoch_fn(state, data, k_epoch, budget), min_time=min_time)
     peak = max(peak, matmul_flops_per_s())
 
-    sizes = dyn._layer_sizes(cfg, obs_dim, act_dim)
+    sizes = dyn.layer_sizes(cfg, obs_dim, act_dim)
     flops_per_update = num_members * (dense_flops(batch_size, sizes) + backward_flops(batch_size, sizes))
     rate = num_updates / seconds
     # The same count read off the compiled gradient of one minibatch (shapes as in an epoch's update).

@@ -16,9 +16,9 @@ from typing import Any
 
 import jax
 
+from benchmarks import awac, dynamics, mb2po, rollout
+from benchmarks.common import require_torch
 from mb2po_jax import sharding
-from mb2po_jax.bench import awac, dynamics, mb2po, rollout
-from mb2po_jax.bench.common import require_torch
 
 
 def run(out: str = "bench.json", quick: bool = False, seeds: tuple[int, ...] = (1, 2, 4, 8),

@@ -1,7 +1,7 @@
 """Soft actor-critic (Haarnoja et al. 2018, "SAC: Algorithms and Applications" variant).
 
 Online SAC trains the behaviour policies that the D4RL-style datasets are made from
-(`mb2po_jax.data.behavior`), and its pure `update` is the policy optimiser a MOPO baseline reuses inside
+(`mb2po_jax.behavior.train`), and its pure `update` is the policy optimiser a MOPO baseline reuses inside
 the model-based engine. Parts:
 
 - tanh-squashed diagonal Gaussian actor (`networks.TanhGaussianParams`), reparameterised samples;
@@ -271,7 +271,7 @@ def make_online_step(config: SACConfig):
     do k updates (1 update per env step on average) in one scan.
 
     The acting policy that produced `rows` is up to k updates stale; that is the price of one dispatch per k
-    environment steps (k small: see `mb2po_jax.data.behavior`). Insert and updates are two compiled calls:
+    environment steps (k small: see `mb2po_jax.behavior.train`). Insert and updates are two compiled calls:
     fused into one, XLA on CPU copied whole [capacity, obs_dim] buffer arrays on every call (30 ms per call
     at 1M rows) although they were donated; apart, the insert is in place and the update only reads.
     """

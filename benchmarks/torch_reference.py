@@ -93,7 +93,7 @@ class TorchAWAC:
         self.critic_opts = [torch.optim.Adam(c.parameters(), lr=lr) for c in self.critics]
         self.gamma, self.tau, self.awac_lambda, self.max_weight = gamma, tau, awac_lambda, max_weight
 
-    def _min_q(self, critics, obs, actions) -> torch.Tensor:
+    def min_q(self, critics, obs, actions) -> torch.Tensor:
         return torch.min(critics[0](obs, actions), critics[1](obs, actions))
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -102,7 +102,7 @@ class TorchAWAC:
 
         # Critic: y = r + gamma (1 - done) min_j Q'_j(s', a'), a' ~ pi(.|s').
         with torch.no_grad():
-            next_q = self._min_q(self.targets, next_obs, self.actor.sample(next_obs))
+            next_q = self.min_q(self.targets, next_obs, self.actor.sample(next_obs))
             target = rewards + self.gamma * (1.0 - terminals) * next_q
         critic_loss = sum(((c(obs, actions) - target) ** 2).mean() for c in self.critics)
         for opt in self.critic_opts:
@@ -113,7 +113,7 @@ class TorchAWAC:
 
         # Actor: advantage-weighted regression with the critics just updated.
         with torch.no_grad():
-            advantage = self._min_q(self.critics, obs, actions) - self._min_q(
+            advantage = self.min_q(self.critics, obs, actions) - self.min_q(
                 self.critics, obs, self.actor.sample(obs)
             )
             weights = torch.exp(advantage / self.awac_lambda).clamp(max=self.max_weight)

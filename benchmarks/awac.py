@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mb2po_jax import awac
-from mb2po_jax.bench.common import (
+from benchmarks.common import (
     backward_flops, dense_flops, hlo_matmul_flops, matmul_flops_per_s, require_torch, time_call,
 )
+from mb2po_jax import awac
+from mb2po_jax.data.transitions import Transitions
 
 
 def update_flops(obs_dim: int, act_dim: int, config: awac.AWACConfig) -> dict[str, float]:
@@ -129,7 +130,7 @@ def run(
         value_transform=value_transform,
     )
     arrays = random_dataset(dataset_size, obs_dim, act_dim, seed)
-    data = awac.Batch.from_mapping(arrays)
+    data = jax.tree.map(jnp.asarray, Transitions.from_numpy(**arrays))
     state = awac.init_seeds(jax.random.split(jax.random.PRNGKey(seed), num_seeds), obs_dim, act_dim, config)
     train = awac.make_train_steps(steps_per_call)
 
@@ -152,7 +153,7 @@ def run(
     if compare_torch:
         import torch
 
-        from mb2po_jax.bench import torch_reference
+        from benchmarks import torch_reference
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)

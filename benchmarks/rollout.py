@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
+                               require_torch, time_call)
 from mb2po_jax import dynamics as dyn
 from mb2po_jax import rollout as ro
 from mb2po_jax import sharding
-from mb2po_jax.bench.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
-                                    require_torch, time_call)
 from mb2po_jax.termination import hopper_termination
 
 
@@ -67,7 +67,6 @@ def run(
     num_elites: int = 5,
     horizon: int = 5,
     chunk_size: int = 0,
-    layout: str = "auto",
     penalty: str = "max_std",
     members: str = "elites",
     policy_hidden: tuple[int, ...] = (256, 256, 256),
@@ -80,8 +79,7 @@ def run(
     """One iteration of `steps` imagined steps (steps // horizon start states), timed best-of (at least
     `repeats` calls after a warm-up, and `min_time` seconds). Termination uses the hopper rule; with random
     weights most trajectories stop early but every step's matmuls still run (static shapes), so the work is the same.
-    chunk_size 0 and layout "auto" pick the backend's defaults (`rollout.default_chunk_size`,
-    `rollout.resolve_layout`). `compare_torch` also times an OfflineRL-Kit-style PyTorch rollout
+    chunk_size 0 picks the backend's default (`rollout.default_chunk_size`). `compare_torch` also times an OfflineRL-Kit-style PyTorch rollout
     (`torch_rollout`: einsum ensemble, numpy round trip every step) on the same shapes, right after.
     `devices` > 1 splits every chunk's trajectories over that many devices, as one seed's MB2PO iteration
     does on a batch mesh or a CPU rollout mesh (same numbers as one device); the reference rate is then
@@ -93,15 +91,13 @@ def run(
     if compare_torch:
         require_torch()
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
-    rcfg = ro.RolloutConfig(
-        horizon=horizon, penalty=penalty, members=members, chunk_size=chunk_size or None, layout=layout
-    )
+    rcfg = ro.RolloutConfig(horizon=horizon, penalty=penalty, members=members, chunk_size=chunk_size or None)
     k_dyn, k_pi, k_obs, k_roll = jax.random.split(jax.random.PRNGKey(seed), 4)
     dyn_state = random_dynamics_state(k_dyn, obs_dim, act_dim, dcfg)
     policy_params = init_tanh_gaussian_policy(k_pi, obs_dim, act_dim, policy_hidden)
     num_starts = steps // horizon
     start_obs = jax.random.normal(k_obs, (num_starts, obs_dim), jnp.float32)
-    policy_fn = sharding.split_policy_rows(tanh_gaussian_policy_fn, mesh)  # as mb2po.iteration does
+    policy_fn = sharding.split_policy_rows(tanh_gaussian_policy_fn, mesh)  # as parallel.make_iteration_fn does
     dyn_state, policy_params, start_obs = sharding.replicate((dyn_state, policy_params, start_obs), mesh)
     fn = ro.make_rollout_fn(policy_fn, hopper_termination, rcfg)
 
@@ -117,13 +113,13 @@ def run(
     peak = max(peak, matmul_flops_per_s(mesh=mesh))
 
     members = num_members if (penalty == "max_aleatoric" or members == "all") else num_elites
-    sizes = dyn._layer_sizes(dcfg, obs_dim, act_dim)
+    sizes = dyn.layer_sizes(dcfg, obs_dim, act_dim)
     flops_per_step = members * dense_flops(1, sizes) + dense_flops(1, [obs_dim, *policy_hidden, 2 * act_dim])
     imagined = num_starts * horizon
     rate = imagined / seconds
     extra: dict[str, Any] = {}
     if compare_torch:
-        from mb2po_jax.bench import torch_rollout
+        from benchmarks import torch_rollout
 
         ref = torch_rollout.imagined_steps_per_s(obs_dim, act_dim, steps, horizon, num_members, num_elites,
                                                  repeats=repeats, seed=seed)
@@ -139,7 +135,6 @@ def run(
         "imagined_steps": imagined,
         "members_evaluated": members,
         "chunk_size": chunk_size or ro.default_chunk_size(),
-        "layout": ro.resolve_layout(layout),
         "horizon": horizon,
         "penalty": penalty,
         "compile_and_first_call_s": compile_and_first_s,

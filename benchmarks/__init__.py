@@ -1,6 +1,6 @@
 """`mb2po-bench NAME [--flag value ...]`: throughput benchmarks, each printing one JSON object on stdout.
 
-Each benchmark is a module `mb2po_jax.bench.<name>` with `run(**kwargs) -> dict`; its flags are read off
+Each benchmark is a module `benchmarks.<name>` with `run(**kwargs) -> dict`; its flags are read off
 `run`'s signature (`--obs_dim 11`, `--hidden_dims 256,256,256`, `--compare_torch` / `--no-compare_torch`),
 so a benchmark gains a flag by gaining a keyword argument. Progress goes to stderr; anything a benchmark
 prints to stdout is moved to stderr too, so stdout holds exactly the one JSON line.
@@ -16,16 +16,16 @@ import math
 import sys
 from typing import Any, Callable, Sequence
 
-from mb2po_jax.bench.common import MissingDependency
+from benchmarks.common import MissingDependency
 from mb2po_jax.errors import Mb2poError
 
 # name -> module; a module not written yet is reported as "not available", not as an unknown name.
 BENCHMARKS = {
-    "awac": "mb2po_jax.bench.awac",
-    "rollout": "mb2po_jax.bench.rollout",
-    "dynamics": "mb2po_jax.bench.dynamics",
-    "mb2po": "mb2po_jax.bench.mb2po",
-    "all": "mb2po_jax.bench.all",
+    "awac": "benchmarks.awac",
+    "rollout": "benchmarks.rollout",
+    "dynamics": "benchmarks.dynamics",
+    "mb2po": "benchmarks.mb2po",
+    "all": "benchmarks.all",
 }
 
 

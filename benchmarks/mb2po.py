@@ -1,4 +1,4 @@
-"""Seconds per full MB2PO iteration (`mb2po.make_iteration_fn`): one rollout of `imagined_steps` imagined
+"""Seconds per full MB2PO iteration (`parallel.make_iteration_fn`): one rollout of `imagined_steps` imagined
 steps into the model ring, then `updates_per_iteration` AWAC updates on omega-mixed batches, for every seed,
 as the pipeline runs it (one compiled call; on a CPU, 2 host devices: the seeds split over them, or for
 one seed the rollout split over them and then the updates, `--cpu_devices`). Paper size: 1M steps + 1000
@@ -7,7 +7,7 @@ updates.
 Random-init networks (speed does not depend on the weights); the real AWAC policy (5-component tanh-GMM)
 acts in the rollout. The ring has `num_slots` slots (default 2: sampling cost does not depend on the ring
 length, only its memory does; the paper's 100 slots of 1M rows is 10 GB for hopper). FLOPs: the rollout's
-per-step matmuls (evaluated members + the GMM actor's forward) plus `bench.awac.update_flops` per update.
+per-step matmuls (evaluated members + the GMM actor's forward) plus `benchmarks.awac.update_flops` per update.
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mb2po_jax import awac, dynamics as dyn, mb2po, sharding
-from mb2po_jax.bench.awac import update_flops
-from mb2po_jax.bench.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
-                                    time_call)
+from benchmarks.awac import update_flops
+from benchmarks.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
+                               time_call)
+from benchmarks.rollout import random_dynamics_state
+from mb2po_jax import awac, dynamics as dyn, mb2po, parallel, sharding
+from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.errors import ConfigError
-from mb2po_jax.bench.rollout import random_dynamics_state
 from mb2po_jax.termination import hopper_termination
 
 # The paper's protocol: 500 iterations of 1M imagined steps + 1000 AWAC updates.
@@ -84,12 +85,12 @@ def run(
                                                                                         best_params=None))
     obs = jax.random.normal(k_data, (dataset_size, obs_dim), jnp.float32)
     obs = obs.at[:, 0].set(1.25)  # a healthy hopper height, so trajectories do not all stop at once
-    data = awac.Batch(observations=obs, actions=jnp.tanh(obs[:, :act_dim]), rewards=obs[:, 1],
-                      next_observations=obs, terminals=jnp.zeros((dataset_size,)))
+    data = Transitions(observations=obs, actions=jnp.tanh(obs[:, :act_dim]), rewards=obs[:, 1],
+                       next_observations=obs, terminals=jnp.zeros((dataset_size,)))
     agents = awac.init_seeds(jax.random.split(k_agent, num_seeds), obs_dim, act_dim, acfg)
-    state = mb2po.init_sharded(agents, mcfg, obs_dim, act_dim, mesh)
+    state = parallel.init_sharded(agents, mcfg, obs_dim, act_dim, mesh)
     models, data = sharding.shard_seeds(models, mesh), sharding.replicate(data, mesh)
-    step = mb2po.make_iteration_fn(mcfg, hopper_termination, mesh, rollout_mesh)
+    step = parallel.make_iteration_fn(mcfg, hopper_termination, mesh, rollout_mesh)
 
     holder = [state]
 
@@ -107,7 +108,7 @@ def run(
     seconds = time_call(call, min_time=min_time, min_repeats=repeats)
     peak = max(peak, reference())
 
-    sizes = dyn._layer_sizes(dcfg, obs_dim, act_dim)
+    sizes = dyn.layer_sizes(dcfg, obs_dim, act_dim)
     k = acfg.num_components
     actor = [obs_dim, *acfg.actor_hidden_dims, k + 2 * k * act_dim]
     members = num_elites  # the default max_std penalty evaluates the elites
