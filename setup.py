@@ -31,11 +31,13 @@ setup(
         "gymnasium[mujoco]>=1.0,<2",
         "h5py>=3.10,<4",
         "numpy>=1.26,<3",
+        "tensorboardX>=2.6.5,<3",  # TensorBoard event files (numpy + protobuf; no TensorFlow or torch)
     ],
     extras_require={
         "minari": ["minari[hdf5]>=0.5,<0.6"],
         # wheel: tests/test_config.py builds the package offline (pip wheel --no-build-isolation).
-        "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6", "wheel", "matplotlib>=3.7"],
+        # tensorboard: tests/test_logger.py reads the event files back with TensorBoard's own reader.
+        "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6", "wheel", "matplotlib>=3.7", "tensorboard>=2.14,<3"],
         # Learning curves: `mb2po-plot` and `experiments/benchmark.py report`.
         "plot": ["matplotlib>=3.7"],
         # `mb2po-eval --video`: imageio's mp4 writer (imageio-ffmpeg ships an ffmpeg binary).

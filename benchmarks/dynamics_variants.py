@@ -59,7 +59,7 @@ def dense_layer(weight_grad: str):
 def mlp_with(dense):
     def mlp(params, x):
         if x.ndim == 2:  # shared inputs (holdout evaluation): today's code
-            return ORIGINAL["_mlp"](params, x)
+            return ORIGINAL["ensemble_mlp"](params, x)
         layers = params["layers"]
         h = barrier(jnp.swapaxes(x, -1, -2))
         for i, layer in enumerate(layers):
@@ -82,13 +82,13 @@ def grouped_loss(params, inputs, targets, config):
     return total, aux
 
 
-ORIGINAL = {"_mlp": dyn._mlp, "ensemble_loss": dyn.ensemble_loss}
+ORIGINAL = {"ensemble_mlp": dyn.ensemble_mlp, "ensemble_loss": dyn.ensemble_loss}
 VARIANTS = {  # name: (module attributes to swap, compiler options)
     "today": ({}, None),
-    "nn_wgrad_eigen": ({"_mlp": mlp_with(dense_layer("transposed"))}, EIGEN_DOTS),
+    "nn_wgrad_eigen": ({"ensemble_mlp": mlp_with(dense_layer("transposed"))}, EIGEN_DOTS),
     "eigen": ({}, EIGEN_DOTS),
     "groups_4_3": ({"ensemble_loss": grouped_loss}, None),
-    "ordered": ({"_mlp": mlp_with(dense_layer("ordered"))}, None),
+    "ordered": ({"ensemble_mlp": mlp_with(dense_layer("ordered"))}, None),
 }
 
 

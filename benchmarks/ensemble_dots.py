@@ -1,7 +1,7 @@
 """The dynamics ensemble's three kinds of 200 x 200 layer matmul, alone, as fractions of the machine's matmul rate.
 
 One training update of the 7-member ensemble (batch 256, feature-major activations [E, features, B], see
-`dynamics._mlp`) runs, per hidden 200 x 200 layer, a forward dot and two backward dots: the input gradient
+`dynamics.ensemble_mlp`) runs, per hidden 200 x 200 layer, a forward dot and two backward dots: the input gradient
 (same layout as the forward) and the weight gradient, which contracts over the batch, the minor axis of
 both operands. This times each alone (100 chained in one compiled scan), to separate what the matmul
 kernels allow from what the rest of an update costs (`mb2po-bench dynamics` times whole updates).

@@ -79,8 +79,9 @@ def run(
     """One iteration of `steps` imagined steps (steps // horizon start states), timed best-of (at least
     `repeats` calls after a warm-up, and `min_time` seconds). Termination uses the hopper rule; with random
     weights most trajectories stop early but every step's matmuls still run (static shapes), so the work is the same.
-    chunk_size 0 picks the backend's default (`rollout.default_chunk_size`). `compare_torch` also times an OfflineRL-Kit-style PyTorch rollout
-    (`torch_rollout`: einsum ensemble, numpy round trip every step) on the same shapes, right after.
+    chunk_size 0 picks the backend's default (`rollout.default_chunk_size`). `compare_torch` also times an
+    OfflineRL-Kit-style PyTorch rollout (`torch_rollout`: einsum ensemble, numpy round trip every step) on
+    the same shapes, right after.
     `devices` > 1 splits every chunk's trajectories over that many devices, as one seed's MB2PO iteration
     does on a batch mesh or a CPU rollout mesh (same numbers as one device); the reference rate is then
     the devices' aggregate. 0 (default): as `mb2po-train` runs it, 2 CPU host devices on a CPU with 2+
@@ -91,7 +92,7 @@ def run(
     if compare_torch:
         require_torch()
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
-    rcfg = ro.RolloutConfig(horizon=horizon, penalty=penalty, members=members, chunk_size=chunk_size or None)
+    rcfg = ro.RolloutConfig(horizon=horizon, penalty=penalty, rollout_members=members, chunk_size=chunk_size or None)
     k_dyn, k_pi, k_obs, k_roll = jax.random.split(jax.random.PRNGKey(seed), 4)
     dyn_state = random_dynamics_state(k_dyn, obs_dim, act_dim, dcfg)
     policy_params = init_tanh_gaussian_policy(k_pi, obs_dim, act_dim, policy_hidden)

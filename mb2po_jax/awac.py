@@ -126,11 +126,11 @@ class AWACState(struct.PyTreeNode):
     action_dim: int = struct.field(pytree_node=False)
 
 
-def _actor(config: AWACConfig, action_dim: int) -> networks.GMMParams:
+def actor_network(config: AWACConfig, action_dim: int) -> networks.GMMParams:
     return networks.GMMParams(config.actor_hidden_dims, action_dim, config.num_components)
 
 
-def _critic(config: AWACConfig) -> networks.EnsembleCritic:
+def critic_network(config: AWACConfig) -> networks.EnsembleCritic:
     num_outputs = config.num_quantiles if config.critic == "quantile" else None
     return networks.EnsembleCritic(config.critic_hidden_dims, num_qs=2, num_outputs=num_outputs)
 
@@ -210,8 +210,8 @@ def init(
     key, actor_key, critic_key = jax.random.split(key, 3)
     obs = jnp.zeros((1, obs_dim), jnp.float32)
     act = jnp.zeros((1, action_dim), jnp.float32)
-    actor_params = _actor(config, action_dim).init(actor_key, obs)
-    critic_params = _critic(config).init(critic_key, obs, act)
+    actor_params = actor_network(config, action_dim).init(actor_key, obs)
+    critic_params = critic_network(config).init(critic_key, obs, act)
     actor_tx, critic_tx = _optimizers(config)
     return AWACState(
         actor_params=actor_params,
@@ -241,7 +241,7 @@ def init_seeds(
 
 def policy_params(state: AWACState, obs: jax.Array):
     """(logits, means, log_stds) of the actor at raw (unnormalised) observations."""
-    return _actor(state.config, state.action_dim).apply(state.actor_params, state.normalizer(obs))
+    return actor_network(state.config, state.action_dim).apply(state.actor_params, state.normalizer(obs))
 
 
 def act(state: AWACState, obs: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -257,7 +257,7 @@ def update(state: AWACState, batch: Transitions, key: jax.Array) -> tuple[AWACSt
     """One AWAC gradient step on both networks (single seed)."""
     config = state.config
     chex.assert_rank([batch.observations, batch.actions, batch.rewards], [2, 2, 1])
-    actor, critic = _actor(config, state.action_dim), _critic(config)
+    actor, critic = actor_network(config, state.action_dim), critic_network(config)
     actor_tx, critic_tx = _optimizers(config)
     obs, next_obs = state.normalizer(batch.observations), state.normalizer(batch.next_observations)
     actions = jnp.clip(batch.actions, -1.0 + networks.ACTION_EPS, 1.0 - networks.ACTION_EPS)
@@ -340,9 +340,9 @@ def sample_uniform(data: Transitions, key: jax.Array, batch_size: int) -> Transi
 def make_train_steps(num_steps: int, sample_fn=None):
     """Compiled `(state [S], data) -> (state [S], metrics [S])` doing `num_steps` updates per seed.
 
-    Batches are drawn inside the compiled scan by `sample_fn(data, key, batch_size) -> Transitions` (default:
-    uniform over `data`, the whole dataset's `Transitions` on the device); `data` is shared by all seeds, while each seed
-    draws from its own key, so seeds see different data orders. Metrics are means over the `num_steps`.
+    Batches are drawn inside the compiled scan by `sample_fn(data, key, batch_size) -> Transitions`
+    (default: uniform over `data`, the whole dataset's `Transitions` on the device); `data` is shared by all
+    seeds, while each seed draws from its own key, so seeds see different data orders. Metrics are means over the `num_steps`.
     The state's key advances inside, so K calls of N steps equal one call of K*N steps.
     """
     sample_fn = sample_fn or sample_uniform

@@ -15,11 +15,14 @@ import re
 from typing import Any, Mapping
 
 from mb2po_jax.awac import AWACConfig
+from mb2po_jax.data import registry
 from mb2po_jax.dynamics import DynamicsConfig
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.mb2po import MB2POConfig
+from mb2po_jax.online import FLAGS as ONLINE_FLAGS, OnlineConfig
 
-STAGES = ("awac", "dynamics", "mb2po")
+STAGES = ("awac", "dynamics", "mb2po", "online")
+SECTIONS = ("awac", "dynamics", "mb2po", "online")  # RunConfig's nested config sections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,7 @@ class RunConfig:
     awac: AWACConfig = AWACConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
     mb2po: MB2POConfig = MB2POConfig()
+    online: OnlineConfig = OnlineConfig()
     stages: tuple[str, ...] = ("awac",)
     num_seeds: int = 1
     seed: int = 0
@@ -71,17 +75,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         awac_steps=2_000, steps_per_call=500, eval_every=1_000, eval_episodes=2, checkpoint_every=1_000,
         dynamics_steps=1_000, mb2po_iterations=4, imagined_steps=10_000, updates_per_iteration=250,
         num_slots=4, mb2po_eval_every=2, mb2po_checkpoint_every=2,
+        online_steps=2_000, online_steps_per_call=500, online_eval_every=500, online_checkpoint_every=500,
+        online_buffer_size=2_000, model_refit_every=1_000,
     ),
     "cpu": dict(
         awac_steps=100_000, steps_per_call=1000, eval_every=10_000, eval_episodes=10,
         checkpoint_every=10_000, dynamics_steps=20_000, mb2po_iterations=50, imagined_steps=50_000,
         updates_per_iteration=1000, num_slots=20, mb2po_eval_every=10, mb2po_checkpoint_every=5,
+        online_steps=100_000, online_steps_per_call=1000, online_eval_every=5_000,
+        online_checkpoint_every=10_000, online_buffer_size=100_000,
     ),
     "paper": dict(
         awac_steps=500_000, steps_per_call=1000, eval_every=50_000, eval_episodes=10,
         checkpoint_every=50_000, num_seeds=4, dynamics_steps=100_000, mb2po_iterations=500,
         imagined_steps=1_000_000, updates_per_iteration=1000, num_slots=100, mb2po_eval_every=25,
-        mb2po_checkpoint_every=25,
+        mb2po_checkpoint_every=25, online_steps=250_000, online_steps_per_call=1000,
+        online_eval_every=10_000, online_checkpoint_every=10_000, online_buffer_size=1_000_000,
     ),
 }
 
@@ -109,8 +118,6 @@ _KINDS = ("medium-expert", "medium-replay", "full-replay", "medium", "random", "
 def task_key(dataset: str | None) -> str | None:
     """'hopper-medium-replay' for hopper-medium-replay-v2, hopper_mixed (v0), hopper-medium-replay-local,
     mujoco/hopper/medium-v0, /data/hopper_medium_replay-v2.hdf5; None if the env or kind is not recognised."""
-    from mb2po_jax.data import registry
-
     if not dataset:
         return None
     base = os.path.basename(dataset) if os.path.sep in dataset and dataset.endswith(".hdf5") else dataset
@@ -151,20 +158,22 @@ def task_defaults(dataset: str | None, path: str | None = None) -> dict[str, Any
 def make_config(preset: str, overrides: Mapping[str, Any] | None = None,
                 task: Mapping[str, Any] | None = None) -> RunConfig:
     """The preset's RunConfig with `task` values (per-task defaults) under it and `overrides` (None values
-    ignored) over it, each applied by flag name (AWAC/run field names, `DYNAMICS_FLAGS`, `MB2PO_FLAGS`)."""
+    ignored) over it, each applied by flag name (AWAC/run field names, `DYNAMICS_FLAGS`, `MB2PO_FLAGS`,
+    `ONLINE_FLAGS`)."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset={preset!r} is not one of {sorted(PRESETS)}")
     values = {**(task or {}), **PRESETS[preset],
               **{k: v for k, v in (overrides or {}).items() if v is not None}}
     awac_fields = {f.name for f in dataclasses.fields(AWACConfig)}
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"awac", "dynamics", "mb2po"}
-    unknown = set(values) - awac_fields - run_fields - set(DYNAMICS_FLAGS) - set(MB2PO_FLAGS)
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS)
+    unknown = set(values) - awac_fields - run_fields - set(DYNAMICS_FLAGS) - set(MB2PO_FLAGS) - set(ONLINE_FLAGS)
     if unknown:
         raise ConfigError(f"unknown configuration field(s): {sorted(unknown)}")
     awac = AWACConfig(**{k: v for k, v in values.items() if k in awac_fields})
     dynamics = DynamicsConfig(**{DYNAMICS_FLAGS[k]: v for k, v in values.items() if k in DYNAMICS_FLAGS})
     mb2po = MB2POConfig(**{MB2PO_FLAGS[k]: v for k, v in values.items() if k in MB2PO_FLAGS})
-    run = RunConfig(awac=awac, dynamics=dynamics, mb2po=mb2po,
+    online = OnlineConfig(**{ONLINE_FLAGS[k]: v for k, v in values.items() if k in ONLINE_FLAGS})
+    run = RunConfig(awac=awac, dynamics=dynamics, mb2po=mb2po, online=online,
                     **{k: v for k, v in values.items() if k in run_fields})
     return run.validate()
 
@@ -172,20 +181,23 @@ def make_config(preset: str, overrides: Mapping[str, Any] | None = None,
 def field_defaults() -> dict[str, Any]:
     """Flag name -> the dataclass default it overrides (what a run gets from neither preset nor flag)."""
     out = {f.name: f.default for f in dataclasses.fields(AWACConfig)}
-    out.update({f.name: f.default for f in dataclasses.fields(RunConfig) if f.name not in ("awac", "dynamics", "mb2po")})
+    out.update({f.name: f.default for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS})
     dyn_fields = {f.name: f.default for f in dataclasses.fields(DynamicsConfig)}
     out.update({flag: dyn_fields[field] for flag, field in DYNAMICS_FLAGS.items()})
     mb2po_fields = {f.name: f.default for f in dataclasses.fields(MB2POConfig)}
     out.update({flag: mb2po_fields[field] for flag, field in MB2PO_FLAGS.items()})
+    online_fields = {f.name: f.default for f in dataclasses.fields(OnlineConfig)}
+    out.update({flag: online_fields[field] for flag, field in ONLINE_FLAGS.items()})
     return out
 
 
 def flag_name(section: str, field: str) -> str:
-    """The flag that sets `field` of a config section ("awac", "dynamics", "mb2po", or "" for RunConfig
+    """The flag that sets `field` of a config section ("awac", "dynamics", "mb2po", "online", or "" for RunConfig
     and the run's identity: dataset, env), e.g. --dynamics_lr for ("dynamics", "learning_rate"); a field
     no flag sets is named section.field."""
     names = {"dynamics": {v: k for k, v in DYNAMICS_FLAGS.items()},
-             "mb2po": {v: k for k, v in MB2PO_FLAGS.items()}}.get(section)
+             "mb2po": {v: k for k, v in MB2PO_FLAGS.items()},
+             "online": {v: k for k, v in ONLINE_FLAGS.items()}}.get(section)
     if names is None:  # AWAC and run fields are their flags' names
         return f"--{field}"
     return f"--{names[field]}" if field in names else f"{section}.{field}"

@@ -5,7 +5,7 @@ y = [s' - s, r] (dim obs_dim + 1, reward LAST). Parameters are explicit arrays s
 axis ([E, in, out] per layer), not `nn.vmap(nn.Dense)`: the HLO is the same batched dot either way, and
 plain arrays make the per-member snapshot restore (`jnp.where` on the member axis), the elite gather
 (`p[elites]`) one-liners. Training evaluates every layer as ONE batched matmul over the members' own
-minibatches, with feature-major activations (`einsum('eio,eib->eob')`, see `_mlp`; the faster layout on
+minibatches, with feature-major activations (`einsum('eio,eib->eob')`, see `ensemble_mlp`; the faster layout on
 CPU, DESIGN.md). In a rollout all members see the same (s, a), so the first layer is one shared matmul.
 
 Design decisions (SPEC section 1 stage 2, section 3 traps):
@@ -180,7 +180,7 @@ def ensemble_mean_var(
     or [E, d, B] x 2 with `feature_major=True` (the layout the network computes in: the rollout picks the
     drawn member's row and reduces over members without transposing the [E, 2d, B] output).
     """
-    h = _mlp(params, x)
+    h = ensemble_mlp(params, x)
     d = h.shape[1] // 2  # h: [E, 2d, B]
     bound = lambda b: jnp.swapaxes(b, 1, 2)  # [E, 1, d] -> [E, d, 1]
     mean = h[:, :d]
@@ -196,7 +196,7 @@ def swish(x: jax.Array) -> jax.Array:
     return x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
 
 
-def _mlp(params: Params, x: jax.Array) -> jax.Array:
+def ensemble_mlp(params: Params, x: jax.Array) -> jax.Array:
     """x: [B, in] (shared by all members) or [E, B, in] -> [E, 2d, B]: mean rows, then unbounded log-variance
     rows, feature-major."""
     layers = params["layers"]

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="mb2po-eval", description="Evaluate a trained policy of a mb2po-train workdir in its environment; "
                                        "prints one JSON line.")
     parser.add_argument("workdir", help="a mb2po-train --workdir")
-    parser.add_argument("--stage", choices=("awac", "mb2po"), help="default: the newest finished stage")
+    parser.add_argument("--stage", choices=("awac", "mb2po", "online"), help="default: the newest finished stage")
     parser.add_argument("--seed", type=int, default=0, help="which of the run's seeds (default 0)")
     parser.add_argument("--episodes", type=int, help="episodes (default: the run's --eval_episodes)")
     parser.add_argument("--max_episode_steps", type=int, help="default: the run's --max_episode_steps")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"and {max_steps}")
         if args.video:
             recorder = VideoRecorder(source.env_id, args.video, max_steps)
-        unit = "iteration" if source.stage == "mb2po" else "step"
+        unit = {"mb2po": "iteration", "online": "env_step"}.get(source.stage, "step")
         _log(f"seed {source.seed} of {source.workdir}, stage {source.stage} ({unit} {source.step}"
              f"{'' if source.finished else ', not finished'}), {source.env_id}: {episodes} episode(s) of at "
              f"most {max_steps} steps")

@@ -8,18 +8,39 @@ Each line is flushed when written, so a crash loses at most the line being writt
 by a crash is cut off when the file is opened again (a resumed run appends after complete lines only). Any
 other line that is not a JSON object (damage no crash of ours leaves) is refused when the file is opened.
 
-TensorBoard event files are written by the few lines below instead of by tensorboard/tensorflow, so the
-library has no TensorFlow dependency: an event file is TFRecord framing (uint64 length, masked CRC32C of
-the length, payload, masked CRC32C of the payload) around hand-encoded `tensorflow.Event` protobufs.
+TensorBoard event files are written by tensorboardX (numpy + protobuf, no TensorFlow or torch), one
+TensorBoard run per stage: `WORKDIR/tensorboard/<stage>/events.out.tfevents.*`, so `tensorboard --logdir
+WORKDIR/tensorboard` lists the runs `awac`, `dynamics` and `mb2po`, each with its own step axis (the
+metrics.jsonl `step`: gradient steps for awac and dynamics, iterations for mb2po). Tags keep the stage
+prefix (`awac/critic_loss`, `mb2po/return`), so stages whose steps mean different things never share a
+chart. Why one run per stage: in one shared run (one event file, as before) the steps went back from
+awac's last step to dynamics' first and again to mb2po's (harmless only because no tag spans two stages),
+and a resumed stage's purge marker (below) applies to every tag of its run: in a shared run it would hide
+the other stages' points too. (A workdir written before this layout keeps its old files in
+WORKDIR/tensorboard/ itself, which TensorBoard lists as one more run, ".".)
+  - numbers are one scalar; [S] arrays (one value per seed) are the mean under the metric's tag plus, for
+    at most 8 seeds, `<tag>/seed_<s>`;
+  - [S, K] arrays (the dynamics ensemble's `holdout_mse`, `holdout_nll`, `best_holdout_mse`: per seed and
+    member) are the mean, the per-seed means `<tag>/seed_<s>` and, for at most 8 seeds and 32 members, one
+    scalar per seed and member `<tag>/seed_<s>/member_<k>`; `elites` [S, num_elites] holds member indices
+    by rank, so it is written as `dynamics/elites/seed_<s>/rank_<k>` (value: the member) without means;
+  - strings, None, nested dicts and larger arrays are in metrics.jsonl only.
+Events are flushed to disk every couple of seconds and on close (a killed run loses at most those seconds
+of TensorBoard points; metrics.jsonl has every record). On resume, MetricsWriter.truncate drops the
+stage's records after the checkpoint from metrics.jsonl; the event files are not rewritten: the stage's
+next event file starts with tensorboardX's purge marker (a SessionLog START at the first redone step),
+with which TensorBoard's reader hides the older files' points from that step on. A reader that ignores
+the marker shows the redone steps twice.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 import os
-import socket
-import struct
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -31,119 +52,10 @@ from mb2po_jax.errors import WorkdirError
 
 _RESERVED = ("stage", "step", "time")
 _MAX_SEEDS_PER_TAG = 8  # above this, only the mean over seeds goes to TensorBoard
-
-
-# --------------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli), table-driven: the checksum TFRecord framing requires. Python's zlib only has
-# CRC32 (a different polynomial), and the only packages providing CRC32C would be new dependencies.
-
-
-def _make_crc32c_table() -> list[int]:
-    poly = 0x82F63B78  # reversed Castagnoli polynomial
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masking: rotate right by 15 and add a constant (so CRCs of CRCs stay useful)."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(payload: bytes) -> bytes:
-    header = struct.pack("<Q", len(payload))
-    return (
-        header
-        + struct.pack("<I", masked_crc32c(header))
-        + payload
-        + struct.pack("<I", masked_crc32c(payload))
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Protobuf wire format for the three messages used (field numbers from tensorflow's event.proto and
-# summary.proto):  Event{1: double wall_time, 2: int64 step, 3: string file_version, 5: Summary summary}
-#                  Summary{1: repeated Value value}    Value{1: string tag, 2: float simple_value}
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 -> two's complement, as protobuf encodes it
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _varint((field << 3) | 2) + _varint(len(payload)) + payload
-
-
-def encode_event(
-    wall_time: float,
-    step: int,
-    *,
-    file_version: str | None = None,
-    scalars: Mapping[str, float] | None = None,
-) -> bytes:
-    """A serialised `tensorflow.Event` with either a file_version or a Summary of simple_values."""
-    msg = _varint((1 << 3) | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(int(step))
-    if file_version is not None:
-        msg += _len_field(3, file_version.encode())
-    if scalars:
-        summary = b"".join(
-            _len_field(1, _len_field(1, tag.encode()) + _varint((2 << 3) | 5) + struct.pack("<f", value))
-            for tag, value in scalars.items()
-        )
-        msg += _len_field(5, summary)
-    return msg
-
-
-class EventFileWriter:
-    """Appends scalar summaries to one TensorBoard event file (`events.out.tfevents.<time>.<host>`)."""
-
-    def __init__(self, logdir: str | os.PathLike):
-        os.makedirs(logdir, exist_ok=True)
-        now = time.time()
-        base = os.path.join(os.fspath(logdir), f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
-        path, k = base, 0
-        while os.path.exists(path):  # a second writer within the same second (e.g. a quick resume)
-            k += 1
-            path = f"{base}.{k}"
-        self.path = path
-        self._file = open(path, "ab")
-        self._write(encode_event(now, 0, file_version="brain.Event:2"))
-
-    def _write(self, event: bytes) -> None:
-        self._file.write(tfrecord_frame(event))
-        self._file.flush()
-
-    def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None) -> None:
-        if scalars:
-            self._write(encode_event(time.time() if wall_time is None else wall_time, step, scalars=scalars))
-
-    def close(self) -> None:
-        self._file.close()
+_MAX_MEMBERS_PER_TAG = 32  # [S, K] values: above this (or above 8 seeds), only the means
+_RANKED = {"elites"}  # [S, K] metrics that list member indices by rank (not one value per member)
+_TB_FLUSH_SECS = 2
+_event_files = itertools.count()  # makes event file names unique within a process (see _stage_writer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,19 +80,33 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"metric value of type {type(value).__name__} (dtype {a.dtype}) is not loggable")
 
 
-def _tb_scalars(tag: str, value: Any) -> dict[str, float]:
-    """TensorBoard scalars for one metric: numbers as they are; [S] arrays as mean + one tag per seed."""
+def _tb_scalars(tag: str, value: Any, *, ranked: bool = False) -> dict[str, float]:
+    """TensorBoard scalars for one metric: numbers as they are; [S] arrays as mean + one tag per seed;
+    [S, K] arrays as mean, per-seed means and one tag per seed and member (`ranked`: per seed and rank,
+    no means). See the module docstring."""
     if value is None or isinstance(value, str | Mapping):
         return {}
     a = np.asarray(value)
-    if a.dtype.kind not in "biuf":
+    if a.dtype.kind not in "biuf" or a.size == 0:
         return {}
+    a = a.astype(np.float64)
     if a.ndim == 0:
         return {tag: float(a)}
-    if a.ndim == 1 and a.size > 0:
-        out = {tag: float(np.mean(a.astype(np.float64)))}
+    if a.ndim == 1:
+        out = {tag: float(np.mean(a))}
         if a.size <= _MAX_SEEDS_PER_TAG:
-            out.update({f"{tag}/seed_{k}": float(v) for k, v in enumerate(a)})
+            out.update({f"{tag}/seed_{s}": float(v) for s, v in enumerate(a)})
+        return out
+    if a.ndim == 2:
+        out, few_seeds = {}, a.shape[0] <= _MAX_SEEDS_PER_TAG
+        if not ranked:
+            out[tag] = float(np.mean(a))
+            if few_seeds:
+                out.update({f"{tag}/seed_{s}": float(np.mean(row)) for s, row in enumerate(a)})
+        if few_seeds and a.shape[1] <= _MAX_MEMBERS_PER_TAG:
+            axis = "rank" if ranked else "member"
+            out.update({f"{tag}/seed_{s}/{axis}_{k}": float(v)
+                        for s, row in enumerate(a) for k, v in enumerate(row)})
         return out
     return {}
 
@@ -237,8 +163,20 @@ def _check_records(path: str) -> None:
                     "to start a new one, or delete the damaged lines, and rerun")
 
 
+def _drop_nan_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("NaN or Inf found in input tensor")
+
+
+def _quiet_tensorboardx_nan_warning() -> None:
+    """tensorboardX logs a warning for every non-finite scalar; here NaN / inf are meant (a NaN score, an
+    inf best MSE before the first evaluation) and written as they are, so that one message is dropped."""
+    log = logging.getLogger("tensorboardX.x2num")
+    if _drop_nan_warning not in log.filters:
+        log.addFilter(_drop_nan_warning)
+
+
 class MetricsWriter:
-    """Writes metrics to WORKDIR/metrics.jsonl and (optionally) WORKDIR/tensorboard/ event files.
+    """Writes metrics to WORKDIR/metrics.jsonl and (optionally) WORKDIR/tensorboard/<stage>/ event files.
 
     On multi-host runs, create it on process 0 only.
     """
@@ -254,7 +192,28 @@ class MetricsWriter:
         except OSError as e:
             raise WorkdirError(f"{self.jsonl_path}: cannot be used as the metrics file ({e.strerror or e}); "
                                "move it aside and rerun") from None
-        self._events = EventFileWriter(os.path.join(self.workdir, "tensorboard")) if tensorboard else None
+        self.tensorboard_dir = os.path.join(self.workdir, "tensorboard") if tensorboard else None
+        self._tb: dict[str, Any] = {}  # stage -> its open tensorboardX SummaryWriter
+        self._purge: dict[str, int] = {}  # stage -> first step its next event file hides in older ones
+
+    def _stage_writer(self, stage: str):
+        """The stage's SummaryWriter, opened on the stage's first write (after any truncate of it)."""
+        writer = self._tb.get(stage)
+        if writer is None:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage) or stage in (".", ".."):
+                raise ValueError(f"stage name {stage!r} cannot name a TensorBoard run directory")
+            from tensorboardX import SummaryWriter  # numpy + protobuf; imported only when writing events
+
+            _quiet_tensorboardx_nan_warning()
+            # tensorboardX names files events.out.tfevents.<unix seconds>.<host><suffix> and opens them
+            # "wb"; TensorBoard reads a run's files in name order. The suffix (nanoseconds, then what makes
+            # it unique) keeps a second file of the same second (a quick resume) from replacing the first
+            # and sorts it after it, so that its purge marker applies to the first one's points.
+            suffix = f".{time.time_ns()}.{os.getpid()}.{next(_event_files)}"
+            writer = SummaryWriter(os.path.join(self.tensorboard_dir, stage), flush_secs=_TB_FLUSH_SECS,
+                                   purge_step=self._purge.pop(stage, None), filename_suffix=suffix)
+            self._tb[stage] = writer
+        return writer
 
     def write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:
         clash = [k for k in metrics if k in _RESERVED]
@@ -265,16 +224,25 @@ class MetricsWriter:
         record.update({str(k): _to_json(v) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
-        if self._events is not None:
+        if self.tensorboard_dir is not None:
             scalars: dict[str, float] = {}
             for name, value in metrics.items():
-                scalars.update(_tb_scalars(f"{stage}/{name}", value))
-            self._events.add_scalars(int(step), scalars, wall_time=now)
+                scalars.update(_tb_scalars(f"{stage}/{name}", value, ranked=str(name) in _RANKED))
+            if scalars:
+                writer = self._stage_writer(stage)
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, int(step), walltime=now)
 
     def truncate(self, stage: str, step: int) -> None:
         """Drop the `stage` records logged after `step` (a resumed stage redoes those steps), so that a run
         killed at any moment and rerun ends with the records of an uninterrupted one. The file is replaced
-        atomically and reopened: appending through the old handle would write into the replaced file."""
+        atomically and reopened: appending through the old handle would write into the replaced file.
+        The stage's event files are left as they are; its next one starts with a purge marker at step + 1
+        (see the module docstring)."""
+        if self.tensorboard_dir is not None:
+            self._purge[stage] = min(self._purge.get(stage, step + 1), max(step + 1, 0))
+            if stage in self._tb:  # written already in this process: the marker goes into a new file
+                self._tb.pop(stage).close()
         self._jsonl.flush()
         with open(self.jsonl_path, encoding="utf-8") as f:
             lines = f.readlines()
@@ -294,8 +262,8 @@ class MetricsWriter:
     def close(self) -> None:
         if not self._jsonl.closed:
             self._jsonl.close()
-        if self._events is not None:
-            self._events.close()
+        while self._tb:
+            self._tb.popitem()[1].close()  # writes out the queued events, then closes the file
 
     def __enter__(self) -> MetricsWriter:
         return self

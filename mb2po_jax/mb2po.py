@@ -19,7 +19,6 @@ are the identity here.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
@@ -39,24 +38,22 @@ def _same_rows(tree: Any, axis: int = 0) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class MB2POConfig:
-    """Defaults are the paper's (section 5 and Algorithm 1); h and lambda are per task (MOPO's table,
-    `mb2po_jax/configs/tasks.json`), omega = 0.05 as the earlier version of the paper and MOPO (SPEC section 1)."""
+class MB2POConfig(ro.RolloutConfig):
+    """Algorithm 1's settings, on top of the rollout's (h, lambda, penalty, members, chunk size, declared in
+    `rollout.RolloutConfig`). Defaults are the paper's (section 5 and Algorithm 1); h and lambda are per
+    task (MOPO's table, `mb2po_jax/configs/tasks.json`), omega = 0.05 as the earlier version of the paper
+    and MOPO (SPEC section 1)."""
 
     iterations: int = 500
     imagined_steps: int = 1_000_000  # per iteration: horizon * num_starts (rounded down to a multiple)
     updates_per_iteration: int = 1000
     num_slots: int = 100  # n: iterations kept in the model ring
     omega: float = 0.05  # fraction of every AWAC batch drawn from D_beta
-    horizon: int = 5
-    penalty_coef: float = 1.0  # lambda
-    penalty: str = "max_std"
-    rollout_members: str = "all"  # the paper draws from and penalises over all N members; "elites": MOPO
     buffer_dtype: str = "float32"
-    chunk_size: int | None = None  # None: rollout.default_chunk_size() for the backend
 
     def __post_init__(self):
-        for name in ("iterations", "imagined_steps", "updates_per_iteration", "num_slots", "horizon"):
+        super().__post_init__()  # the rollout's settings
+        for name in ("iterations", "imagined_steps", "updates_per_iteration", "num_slots"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"mb2po: {name} must be >= 1, got {getattr(self, name)}")
         if self.imagined_steps < self.horizon:
@@ -66,10 +63,6 @@ class MB2POConfig:
             )
         if not 0.0 <= self.omega <= 1.0:
             raise ConfigError(f"mb2po: omega (fraction of real data per batch) must be in [0, 1], got {self.omega}")
-        if not (math.isfinite(self.penalty_coef) and self.penalty_coef >= 0):  # NaN fails too
-            raise ConfigError(f"--penalty_coef must be a number >= 0 (a negative lambda would reward the "
-                              f"models' uncertainty), got {self.penalty_coef}")
-        self.rollout_config()  # validates penalty, chunk size
         buf.BufferConfig(1, 1, dtype=self.buffer_dtype)  # validates dtype
 
     @property
@@ -81,8 +74,8 @@ class MB2POConfig:
         return self.num_starts * self.horizon
 
     def rollout_config(self) -> ro.RolloutConfig:
-        return ro.RolloutConfig(horizon=self.horizon, penalty_coef=self.penalty_coef, penalty=self.penalty,
-                                members=self.rollout_members, chunk_size=self.chunk_size)
+        """The rollout's settings alone (what `rollout.imagine` is compiled for)."""
+        return ro.RolloutConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ro.RolloutConfig)})
 
     def buffer_config(self, obs_dim: int, act_dim: int) -> buf.BufferConfig:
         return buf.BufferConfig(obs_dim, act_dim, num_slots=self.num_slots, rows_per_slot=self.rows_per_slot,

@@ -9,14 +9,15 @@ handles files (config.json, metrics.jsonl, checkpoints/<stage>/, results.json), 
                               "return" and "normalized_score" (lists over seeds)
     WORKDIR/tensorboard/      the same metrics as TensorBoard event files
     WORKDIR/checkpoints/awac  orbax checkpoints of the full training state, one directory per stage
-    WORKDIR/checkpoints/dynamics, WORKDIR/checkpoints/mb2po
+    WORKDIR/checkpoints/dynamics, WORKDIR/checkpoints/mb2po, WORKDIR/checkpoints/online
     WORKDIR/results.json      written when every requested stage has finished: the final scores of every
                               finished stage in the workdir, those of stages not rerun included
 
 Stages: `awac` (pretraining on D_beta), `dynamics` (one ensemble per seed, trained epoch by epoch with
-early stopping), `mb2po` (Algorithm 1, one compiled call per iteration). A later stage starts from the
-finished checkpoint of the earlier one, so `--stages=mb2po` alone continues a workdir whose AWAC and
-dynamics stages are done.
+early stopping), `mb2po` (Algorithm 1, one compiled call per iteration), `online` (AWAC continued in the
+real environment from the MB2PO agent if the workdir has one, else the AWAC agent; `online.py`). A later
+stage starts from the finished checkpoint of the earlier one, so `--stages=mb2po` alone continues a
+workdir whose AWAC and dynamics stages are done.
 
 Several processes (multi-host, `jax.distributed` initialised by the CLI): every process runs this same
 code on the same workdir (a filesystem all hosts see). States are global arrays of which each process holds
@@ -51,12 +52,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, parallel, sharding
+from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, online, parallel, sharding
 from mb2po_jax.termination import termination_fn_for
 from mb2po_jax.checkpoint import CheckpointDamagedError, Checkpointer
 from mb2po_jax.behavior.generation import ensure_default_dataset
 from mb2po_jax.data import DEFAULT_DATASET, load_dataset, normalized_score
-from mb2po_jax.data.envs import env_spaces
+from mb2po_jax.data.envs import env_spaces, make_env
 from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.errors import ConfigError, DivergedError, WorkdirError
 from mb2po_jax.evaluation import evaluate
@@ -64,7 +65,7 @@ from mb2po_jax.logger import MetricsWriter, Progress
 
 # Settings that define what a workdir's checkpoints are; a rerun that differs in one of them is refused.
 # Step counts, evaluation and checkpoint intervals may change between reruns (e.g. to extend a run).
-IDENTITY_FIELDS = ("dataset", "env", "seed", "num_seeds", "awac", "dynamics", "mb2po")
+IDENTITY_FIELDS = ("dataset", "env", "seed", "num_seeds", "awac", "dynamics", "mb2po", "online")
 # MB2PO settings that may change between reruns (extending a run), like the step counts.
 MB2PO_SCHEDULE = ("iterations",)
 
@@ -93,6 +94,9 @@ class StageLoop:
     checkpoint_key: Callable[[Any, int], int] = lambda state, step: step  # the checkpoint's number
     progress_interval_s: float | None = None  # None: Progress's default
     progress_unit: str | None = None  # None: Progress's steps/s
+    # (step, scores, done) after each evaluation -> the stage's final result when done (default: scores)
+    evaluated: Callable[[int, dict, bool], dict] | None = None
+    extra_meta: Callable[[Any], dict] | None = None  # state -> more JSON for the checkpoint meta
 
 
 class _NullWriter:
@@ -281,7 +285,7 @@ class Run:
             self.env_id = self.dataset.env_id
             self.spaces = env_spaces(self.env_id)  # the policy acts in [-1, 1]; these bounds rescale it
             self.mesh, self.rollout_mesh = layout or (sharding.run_mesh(self.config.num_seeds), None)
-            if "mb2po" in self.config.stages:  # refuse before any work, not after two stages
+            if self._uses_model_ring():  # refuse before any work, not after two stages
                 self.available_bytes = parallel.available_device_bytes()
                 self.memory = parallel.check_fits(self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
                                                   self.config.num_seeds, self.available_bytes,
@@ -304,6 +308,10 @@ class Run:
             self._lock.release()
 
     # ----------------------------------------------------------------------------------------- set-up
+    def _uses_model_ring(self) -> bool:
+        """Whether a stage of this run allocates an MB2PO model ring (mb2po, or online with --online_model)."""
+        return "mb2po" in self.config.stages or ("online" in self.config.stages and self.config.online.model)
+
     def _memory_share(self) -> float:
         """Fraction of the model rings in the memory `available_device_bytes` measures: a mesh splits them
         evenly over its devices; CPU devices of one process share its host's RAM."""
@@ -317,9 +325,10 @@ class Run:
     def _identity(self, dataset_arg: str, env_arg: str | None) -> dict:
         cfg = config_lib.to_dict(self.config)
         schedule_free = {k: v for k, v in cfg["mb2po"].items() if k not in MB2PO_SCHEDULE}
+        online_settings = {k: v for k, v in cfg["online"].items() if k not in online.SCHEDULE}
         return {"dataset": dataset_arg, "env": self.env_id, "seed": cfg["seed"],
                 "num_seeds": cfg["num_seeds"], "awac": cfg["awac"], "dynamics": cfg["dynamics"],
-                "mb2po": schedule_free}
+                "mb2po": schedule_free, "online": online_settings}
 
     def _check_config(self, dataset_arg: str, env_arg: str | None) -> dict:
         """Refuses settings that differ from those the workdir's checkpoints were made with (naming each
@@ -365,21 +374,29 @@ class Run:
             ckpt.close()
 
     def _check_later_stages(self) -> None:
-        """MB2PO starts from the finished AWAC state; training AWAC on after MB2PO ran would leave an MB2PO
-        checkpoint and result made from an AWAC state the workdir no longer has. Refused before any work,
-        unless --restart_from deletes the MB2PO stage. (A finished dynamics stage is never trained on.)"""
+        """MB2PO starts from the finished AWAC state, and the online stage from the finished MB2PO (else
+        AWAC) state; training a stage on after a later one ran from it would leave that later stage's
+        checkpoint and result made from a state the workdir no longer has. Refused before any work, unless
+        --restart_from deletes the later stages. (A finished dynamics stage is never trained on.)"""
         cfg = self.config
-        if "awac" not in cfg.stages or "awac" in self.restarted or "mb2po" in self.restarted:
-            return
-        meta = self._stage_meta("awac")
-        if meta is None or int(meta.get("step", 0)) >= cfg.awac_steps or not _has_steps(self._stage_dir("mb2po")):
-            return
-        step = int(meta["step"])
-        raise ConfigError(
-            f"--awac_steps={cfg.awac_steps} would train the AWAC stage on from step {step}, but the mb2po stage "
-            f"in {self.workdir} was trained from that AWAC state: add --restart_from=mb2po to delete the mb2po "
-            f"stage's checkpoints and results (rerun it after AWAC), or keep --awac_steps={step}"
-        )
+        checks = (("awac", "step", cfg.awac_steps, "--awac_steps", ("mb2po", "online")),
+                  ("mb2po", "iteration", cfg.mb2po.iterations, "--mb2po_iterations", ("online",)))
+        for stage, unit, total, flag, later in checks:
+            if stage not in cfg.stages or stage in self.restarted:
+                continue
+            meta = self._stage_meta(stage)
+            if meta is None or int(meta.get(unit, 0)) >= total:
+                continue
+            trained = [s for s in later if s not in self.restarted and _has_steps(self._stage_dir(s))]
+            if not trained:
+                continue
+            done = int(meta[unit])
+            raise ConfigError(
+                f"{flag}={total} would train the {stage} stage on from {unit} {done}, but the {trained[0]} "
+                f"stage in {self.workdir} was trained from that {stage} state: add --restart_from={trained[0]} "
+                f"to delete the {'/'.join(trained)} stage's checkpoints and results (rerun it after "
+                f"{stage}), or keep {flag}={done}"
+            )
 
     def _restart(self, writer: MetricsWriter) -> None:
         """--restart_from: deletes the checkpoints, results.json entries and metrics.jsonl records of the
@@ -472,8 +489,12 @@ class Run:
             writer.write(stage, step, scores)
             self.log(f"[{stage}] {unit} {step}: return {np.mean(scores['return']):.1f}, "
                      f"normalized {np.mean(scores['normalized_score']):.1f}")
+            if loop.evaluated is not None:
+                scores = loop.evaluated(step, scores, done)
             final = scores if done else None
         key, meta = loop.checkpoint_key(state, step), {unit: step, "final": final, "done": done}
+        if loop.extra_meta is not None:
+            meta.update(loop.extra_meta(state))
         if step % loop.checkpoint_every == 0 or done:
             ckpt.save(key, state, meta)
         if self._stopping() and not done:  # asked last, so a signal during the evaluation counts
@@ -561,7 +582,7 @@ class Run:
             eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
         return self._drive(loop, writer, self.init_awac())
 
-    def _finished_awac(self) -> awac.AWACState:
+    def finished_awac(self) -> awac.AWACState:
         """The finished AWAC stage's state (what the later stages start from)."""
         ckpt = Checkpointer(self._stage_dir("awac"))
         try:
@@ -638,7 +659,7 @@ class Run:
                  f"elites {c['elites'].tolist()}")
         return dyn.restore_best(state)
 
-    def _finished_dynamics(self) -> dyn.DynamicsState:
+    def finished_dynamics(self) -> dyn.DynamicsState:
         state, _, _ = self.init_dynamics()
         ckpt = Checkpointer(self._stage_dir("dynamics"))
         try:
@@ -691,6 +712,180 @@ class Run:
             progress_interval_s=0.0, progress_unit="it")
         return self._drive(loop, writer, self.init_mb2po(agents))
 
+    def finished_mb2po(self) -> awac.AWACState:
+        """The finished MB2PO stage's agent [S] (read without its model ring: a partial restore)."""
+        ckpt = Checkpointer(self._stage_dir("mb2po"))
+        restored = None
+        try:
+            for step in reversed(ckpt.all_steps()):
+                try:
+                    restored = ckpt.restore({"agent": self.init_awac()}, step, partial=True)
+                    break
+                except CheckpointDamagedError as e:
+                    self.log(f"warning: [mb2po] {e}; trying the step before it")
+        finally:
+            ckpt.close()
+        if restored is None:
+            raise ConfigError(f"{self.workdir}: no MB2PO checkpoint; run --stages=mb2po first")
+        state, meta = restored
+        if meta.get("final") is None or int(meta["iteration"]) < self.config.mb2po.iterations:
+            raise ConfigError(f"{self.workdir}: the mb2po stage is not finished ({meta['iteration']} of "
+                              f"{self.config.mb2po.iterations} iterations); run --stages=mb2po first")
+        return state["agent"]
+
+    # ---------------------------------------------------------------------------------- online stage
+    def _online_source(self) -> str:
+        """The stage whose finished agent the online stage continues: mb2po when this run trains it or the
+        workdir has an MB2PO checkpoint, else awac."""
+        if "mb2po" in self.config.stages or _has_steps(self._stage_dir("mb2po")):
+            return "mb2po"
+        return "awac"
+
+    def init_online(self, agents: awac.AWACState, models: dyn.DynamicsState | None = None) -> online.OnlineState:
+        """Online states [S] (empty rings) continuing `agents` [S] (and, with --online_model, the finished
+        dynamics stage's ensembles `models` [S]), placed on the run's mesh."""
+        if self.config.online.model and models is None:
+            models = self.finished_dynamics()
+        state = online.init_seeds(agents, self.config.online, self.dataset.obs_dim, self.dataset.act_dim,
+                                  models=models, model_config=self.config.mb2po)
+        return sharding.shard_seeds(state, self.mesh)
+
+    def run_online(self, writer: MetricsWriter, agents: awac.AWACState, source: str,
+                   models: dyn.DynamicsState | None = None):
+        """AWAC continued in the real environment (`online.py`): each call steps every seed's
+        `online_envs` environments `online_steps_per_call` environment steps on the host, with one batched
+        policy call and one compiled update call (store + `utd` updates per environment step) per vector
+        step. The checkpoint holds the device state (agent, online ring, counters) and, in its meta, the
+        environments' state (MuJoCo's integration state: episodes continue exactly after a resume) and the
+        stage's evaluation curve (for the collapse figures of results.json)."""
+        cfg, ocfg = self.config, self.config.online
+        if jax.process_count() > 1:
+            raise ConfigError("--stages=online runs in a single process (its environments are stepped on one "
+                              "host); run it without --num_processes/--distributed")
+        obs_dim, act_dim = self.dataset.obs_dim, self.dataset.act_dim
+        data = self._device_dataset()
+        row_bytes = 4 * (2 * obs_dim + act_dim + 2)
+        self.log(f"[online] from the {source} agent: {ocfg.steps} environment steps per seed in {ocfg.envs} "
+                 f"env(s) each, {ocfg.utd} update(s) per step, online ratio {ocfg.ratio}"
+                 + (f" (annealed from {ocfg.ratio_start} over {ocfg.ratio_anneal_steps} steps)"
+                    if ocfg.ratio_anneal_steps else "")
+                 + (f", {ocfg.warmup_steps} warm-up steps before any update" if ocfg.warmup_steps else "")
+                 + f"; online ring {cfg.num_seeds} x {ocfg.buffer_size:,} rows "
+                 f"({cfg.num_seeds * ocfg.buffer_size * row_bytes / 2**30:.2f} GiB)")
+        act_fn = online.make_act_fn()
+        learn_fn = online.make_update_fn(ocfg, learn=True)
+        store_fn = online.make_update_fn(ocfg, learn=False) if ocfg.warmup_steps else None
+        if ocfg.model:
+            mcfg = cfg.mb2po
+            imagine_fn = online.make_imagine_fn(mcfg, termination_fn_for(self.env_id))
+            offline = self._dynamics_transitions()
+            self.log(f"[online] model arm: {mcfg.imagined_steps} imagined steps (h={mcfg.horizon}, "
+                     f"lambda={mcfg.penalty_coef}) per {ocfg.steps_per_call} environment steps into a ring of "
+                     f"{mcfg.num_slots}; {ocfg.model_ratio} of each batch from it; ensemble refits on offline + "
+                     f"online data every {ocfg.model_refit_every} steps ({ocfg.model_refit_epochs} epochs)")
+
+        def refit(state):
+            host = sharding.to_host({"buffer": state.buffer, "act_key": state.act_key})
+            n = int(host["buffer"].size[0])
+            rows = Transitions(observations=host["buffer"].observations[:, :n],
+                               actions=host["buffer"].actions[:, :n], rewards=host["buffer"].rewards[:, :n],
+                               next_observations=host["buffer"].next_observations[:, :n],
+                               terminals=host["buffer"].terminals[:, :n])
+            keys = np.stack([np.asarray(jax.random.fold_in(k, 0x2EF17 + counter[0])) for k in host["act_key"]])
+            models, metrics = online.refit_models(sharding.to_host(state.models), offline, rows, keys,
+                                                  ocfg.model_refit_epochs)
+            self.log(f"[online] env_step {counter[0]}: ensembles refit on {len(offline)} offline + {n} online "
+                     f"transitions, holdout MSE per seed "
+                     f"[{', '.join(f'{x:.4g}' for x in np.min(np.asarray(metrics['holdout_mse']), axis=-1))}]")
+            return state.replace(models=sharding.shard_seeds(models, self.mesh))
+
+        envs = online.EnvBatch(
+            lambda: make_env(self.env_id, max_episode_steps=cfg.max_episode_steps, disable_env_checker=True),
+            cfg.num_seeds, ocfg.envs, cfg.seed + 20_000)
+        curve: list[tuple[int, list[float]]] = []  # (env step, normalised scores [S]) of every evaluation
+        counter = [0]  # environment steps done (the host's copy of the state's)
+
+        def evaluated(step, scores, done):
+            curve[:] = [c for c in curve if c[0] < step] + [(step, list(scores["normalized_score"]))]
+            if not done:
+                return scores
+            figures = [online.collapse_figures([c[0] for c in curve], [c[1][s] for c in curve], ocfg.steps)
+                       for s in range(cfg.num_seeds)]
+            return {**scores, **{k: [f[k] for f in figures] for k in figures[0]}}
+
+        def resume(state, meta):
+            if meta.get("source", source) != source:
+                raise ConfigError(
+                    f"{self.workdir}: the online stage was started from the {meta['source']} agent, but this "
+                    f"run would continue the {source} agent; add --restart_from=online to start it again")
+            curve[:] = [(int(st), list(sc)) for st, sc in meta.get("curve", [])]
+            exact = envs.restore(meta["envs"])
+            if not exact:
+                self.log("[online] resuming: the environments' state could not be saved; every episode "
+                         "restarts from a reset (the counters, buffer and agent continue)")
+            counter[0] = step = int(meta["env_step"])
+            return step, meta.get("final") is not None and step >= ocfg.steps
+
+        def call(state):
+            if counter[0] == 0:  # a fresh stage: its curve starts with the agent it continues, at step 0
+                writer.truncate("online", -1)  # (records of an attempt killed before its first checkpoint)
+                scores = self._evaluate(state.agent)
+                writer.write("online", 0, scores)
+                self.log(f"[online] env_step 0: return {np.mean(scores['return']):.1f}, "
+                         f"normalized {np.mean(scores['normalized_score']):.1f}")
+                curve[:] = [(0, list(scores["normalized_score"]))]
+            mine, model_metrics = [], {}
+            t0 = time.perf_counter()
+            if ocfg.model:
+                if counter[0] > 0 and counter[0] % ocfg.model_refit_every == 0:
+                    state = refit(state)
+                state, model_metrics = imagine_fn(state, data.observations)
+            for _ in range(ocfg.vector_steps_per_call):
+                env_step = counter[0]
+                actions = np.asarray(act_fn(state, jnp.asarray(envs.obs)))
+                rows = envs.step(self.spaces.from_unit_actions(actions))
+                rows = rows.replace(actions=actions.astype(np.float32))  # stored in the policy's scale
+                learn = env_step >= ocfg.warmup_steps
+                state, metrics = (learn_fn if learn else store_fn)(state, rows, data)
+                counter[0] = env_step + ocfg.envs
+                if learn:
+                    mine.append(metrics)
+            out = (jax.tree.map(lambda *xs: jnp.stack(xs).mean(0), *mine) if mine else {})
+            out = sharding.to_host(out)
+            host = sharding.to_host({"env_steps": state.env_steps, "updates": state.updates,
+                                     "buffer_size": state.buffer.size})
+            out = {k: v for k, v in out.items() if k != "online_rows"}
+            out.update(host)
+            out.update(sharding.to_host(model_metrics))
+            out["episode_return"] = envs.last_return.copy()
+            out["episodes"] = envs.episodes_done.copy()
+            out["terminated_episodes"] = envs.terminated_episodes.copy()
+            out["env_steps_per_s"] = np.full(cfg.num_seeds, ocfg.steps_per_call / (time.perf_counter() - t0))
+            return state, out
+
+        def record(state, metrics, seconds):
+            shown = {"return": float(np.mean(metrics["episode_return"]))}
+            if "critic_loss" in metrics:
+                shown["critic_loss"] = float(np.mean(metrics["critic_loss"]))
+            return dict(metrics), shown
+
+        def advance(state, step):
+            step += ocfg.steps_per_call
+            return step, step >= ocfg.steps
+
+        loop = StageLoop(
+            name="online", unit="env_step", total=ocfg.steps, call=call, record=record, resume=resume,
+            advance=advance, params=lambda state: state.agent, hint="Lower --actor_lr/--critic_lr or --utd",
+            agents=lambda state: state.agent, eval_every=ocfg.eval_every, checkpoint_every=ocfg.checkpoint_every,
+            progress_interval_s=0.0, evaluated=evaluated,
+            extra_meta=lambda state: {"envs": envs.snapshot(), "curve": [list(c) for c in curve],
+                                      "source": source})
+        state = self.init_online(agents, models)
+        try:
+            return self._drive(loop, writer, state)
+        finally:
+            envs.close()
+
     # ------------------------------------------------------------------------------------------ all
     def __call__(self) -> dict:
         try:
@@ -705,7 +900,7 @@ class Run:
                  f"{cfg.num_seeds} seed(s) on {sharding.describe(self.mesh)}"
                  + ("" if self.rollout_mesh is None or "mb2po" not in cfg.stages else
                     f"; MB2PO rollouts split over {self.rollout_mesh.devices.size} CPU host devices"))
-        if "mb2po" in cfg.stages:
+        if self._uses_model_ring():
             ring, peak = self.memory
             self.log(f"MB2PO memory: model rings {ring / 2**30:.2f} GiB + {peak / 2**30:.2f} GiB per rollout "
                      f"(available: {(self.available_bytes or 0) / 2**30:.1f} GiB)")
@@ -719,10 +914,20 @@ class Run:
             if "dynamics" in cfg.stages:
                 dyn_state = self.run_dynamics(writer)
             if "mb2po" in cfg.stages:
-                agents = agents if agents is not None else self._finished_awac()
-                dyn_state = dyn_state if dyn_state is not None else self._finished_dynamics()
-                _, finals["mb2po"] = self.run_mb2po(writer, agents, dyn_state)
-        for stage in ("awac", "mb2po"):  # stages not run now keep their results (from their checkpoints)
+                agents = agents if agents is not None else self.finished_awac()
+                dyn_state = dyn_state if dyn_state is not None else self.finished_dynamics()
+                mb2po_state, finals["mb2po"] = self.run_mb2po(writer, agents, dyn_state)
+                agents = mb2po_state.agent
+                del mb2po_state  # its model ring
+            if "online" in cfg.stages:
+                source = self._online_source()
+                if agents is None or ("mb2po" not in cfg.stages and source == "mb2po"):
+                    agents = self.finished_mb2po() if source == "mb2po" else self.finished_awac()
+                models = None
+                if cfg.online.model:
+                    models = dyn_state if dyn_state is not None else self.finished_dynamics()
+                _, finals["online"] = self.run_online(writer, agents, source, models)
+        for stage in ("awac", "mb2po", "online"):  # stages not run now keep their results (from checkpoints)
             meta = None if stage in finals else self._stage_meta(stage)
             if meta is not None and meta.get("final") is not None:
                 finals[stage] = meta["final"]

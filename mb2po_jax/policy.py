@@ -23,9 +23,10 @@ import numpy as np
 
 from mb2po_jax import awac
 from mb2po_jax.checkpoint import Checkpointer
+from mb2po_jax.data.envs import env_spaces
 from mb2po_jax.errors import ConfigError, WorkdirError
 
-POLICY_STAGES = ("mb2po", "awac")  # the stages whose checkpoint holds an agent, newest first
+POLICY_STAGES = ("online", "mb2po", "awac")  # the stages whose checkpoint holds an agent, newest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,7 @@ class PolicySource:
     """Which checkpoint a policy comes from, and what a caller needs to run it (`find_policy`)."""
 
     workdir: str
-    stage: str  # "awac" or "mb2po"
+    stage: str  # "awac", "mb2po" or "online"
     seed: int  # index among the run's seeds
     step: int  # the checkpoint's step: AWAC steps or MB2PO iterations
     finished: bool  # the stage's final checkpoint (it holds the stage's final evaluation)
@@ -115,14 +116,12 @@ def awac_config(config: dict) -> awac.AWACConfig:
 def load_agent(source: PolicySource) -> awac.AWACState:
     """The actor of one seed as an AWACState holding only `actor_params` and `normalizer` (the critics,
     optimiser states and key are None: acting does not read them)."""
-    from mb2po_jax.data.envs import env_spaces
-
     cfg = awac_config(source.config)
     spaces = env_spaces(source.env_id)
     one = jax.eval_shape(lambda: awac.init(jax.random.PRNGKey(0), spaces.obs_dim, spaces.act_dim, cfg))
     seeds = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((source.num_seeds, *x.shape), x.dtype), tree)
     target = {"actor_params": seeds(one.actor_params), "normalizer": seeds(one.normalizer)}
-    if source.stage == "mb2po":  # MB2POState(agent, buffer, iteration): the agent's part, not the ring
+    if source.stage in ("mb2po", "online"):  # MB2POState/OnlineState(agent, buffer, ...): not the ring
         target = {"agent": target}
     ckpt = Checkpointer(os.path.join(source.workdir, "checkpoints", source.stage), max_to_keep=None,
                         read_only=True)
@@ -152,8 +151,6 @@ def make_policy(source: PolicySource) -> Callable[..., jax.Array]:
     """`source`'s actor as `policy(obs, key=None)`, one jitted call: obs [obs_dim] or [N, obs_dim] ->
     actions [act_dim] or [N, act_dim] in the environment's units; deterministic (tanh of the most probable
     mixture component's mean, as training evaluates) without a key, a sample of the policy with one."""
-    from mb2po_jax.data.envs import env_spaces
-
     agent = load_agent(source)
     spaces = env_spaces(source.env_id)
     low, high = jnp.asarray(spaces.act_low, jnp.float32), jnp.asarray(spaces.act_high, jnp.float32)
@@ -168,7 +165,7 @@ def make_policy(source: PolicySource) -> Callable[..., jax.Array]:
 
 
 def load_policy(workdir: str, stage: str | None = None, seed: int = 0) -> Callable[..., jax.Array]:
-    """The trained policy of seed `seed` of a workdir's `stage` ("mb2po" or "awac"; None: the newest
+    """The trained policy of seed `seed` of a workdir's `stage` ("online", "mb2po" or "awac"; None: the newest
     finished one) as `policy(obs, key=None) -> action` in the environment's units (`make_policy`). Reads
     the actor alone from the stage's newest checkpoint; errors (`Mb2poError`) name what is missing."""
     return make_policy(find_policy(workdir, stage, seed))

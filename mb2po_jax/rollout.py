@@ -34,6 +34,7 @@ invalid, so no NaN/inf can reach the buffer. After a stop, a trajectory keeps it
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import chex
@@ -52,12 +53,13 @@ MEMBER_SETS = ("all", "elites")  # whom a rollout draws from and penalises over
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """Paper: h and lambda per task (MOPO's table, SPEC section 4); 1M imagined steps per iteration."""
+    """The conservative MDP's rollout settings (also `MB2POConfig`'s, which extends this class). Paper: h and
+    lambda per task (MOPO's table, SPEC section 4)."""
 
-    horizon: int = 5
-    penalty_coef: float = 1.0
-    penalty: str = "max_std"
-    members: str = "all"  # "all" (the paper) or "elites" (MOPO)
+    horizon: int = 5  # h
+    penalty_coef: float = 1.0  # lambda
+    penalty: str = "max_std"  # u(s, a), see the module docstring
+    rollout_members: str = "all"  # whom a rollout draws from and penalises over: "all" (the paper), "elites" (MOPO)
     # Max trajectories per chunk (None: by backend, see `default_chunk_size`). Bounds activation memory
     # (|M| x chunk x 200 floats per layer) and sets the matmul shapes.
     chunk_size: int | None = None
@@ -65,8 +67,12 @@ class RolloutConfig:
     def __post_init__(self):
         if self.penalty not in PENALTIES:
             raise ConfigError(f"rollout: penalty must be one of {PENALTIES}, got {self.penalty!r}")
-        if self.members not in MEMBER_SETS:
-            raise ConfigError(f"--rollout_members must be one of {', '.join(MEMBER_SETS)}, got {self.members!r}")
+        if not (math.isfinite(self.penalty_coef) and self.penalty_coef >= 0):  # NaN fails too
+            raise ConfigError(f"--penalty_coef must be a number >= 0 (a negative lambda would reward the "
+                              f"models' uncertainty), got {self.penalty_coef}")
+        if self.rollout_members not in MEMBER_SETS:
+            raise ConfigError(f"--rollout_members must be one of {', '.join(MEMBER_SETS)}, "
+                              f"got {self.rollout_members!r}")
         if self.horizon < 1 or (self.chunk_size is not None and self.chunk_size < 1):
             raise ConfigError(
                 f"rollout: horizon and chunk_size must be >= 1, got {self.horizon}, {self.chunk_size}"
@@ -86,10 +92,10 @@ def sample_start_states(key: jax.Array, observations: jax.Array, num_starts: int
     return observations[idx]
 
 
-def _member_sets(dyn_state: dyn.DynamicsState, config: RolloutConfig):
+def member_sets(dyn_state: dyn.DynamicsState, config: RolloutConfig):
     """(members evaluated F [|F|] int32, positions within F that trajectories draw from [|M|] int32)."""
     e = dyn_state.config.num_members
-    if config.members == "all":
+    if config.rollout_members == "all":
         everyone = jnp.arange(e, dtype=jnp.int32)
         return everyone, everyone
     if config.penalty == "max_aleatoric":
@@ -209,7 +215,7 @@ def rollout(
     # Padding trajectories start stopped: they produce only invalid rows.
     alive = jnp.arange(num_chunks * c) < b
     start_obs = jnp.concatenate([start_obs, jnp.broadcast_to(start_obs[:1], (pad, start_obs.shape[1]))])
-    members, draw_pos = _member_sets(dyn_state, config)
+    members, draw_pos = member_sets(dyn_state, config)
     params = dyn.take_members(dyn_state.params, members)  # [|F|, ...], gathered once for all chunks
     chunk_fn = lambda args: _rollout_chunk(
         args[0], policy_params, dyn_state, params, draw_pos, args[1], args[2],

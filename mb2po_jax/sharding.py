@@ -152,10 +152,11 @@ def request_cpu_devices(n: int) -> None:
 def auto_cpu_devices(num_seeds: int, stages: tuple[str, ...] | list[str]) -> int:
     """The default host device count of a run, decided before JAX starts: 2 on a machine with at least 2
     cores, when XLA_FLAGS does not fix the host device count and the run has work that gains from two
-    executors (`cpu_layout`): an MB2PO stage, or AWAC with an even number of seeds. Else 1.
+    executors (`cpu_layout`): an MB2PO stage, or AWAC or online with an even number of seeds. Else 1.
     `cpu_layout(..., strict=False)` turns it into one device where it does not apply (an accelerator,
     several processes)."""
-    gains = "mb2po" in stages or ("awac" in stages and num_seeds > 1 and num_seeds % 2 == 0)
+    gains = "mb2po" in stages or (("awac" in stages or "online" in stages) and num_seeds > 1
+                                  and num_seeds % 2 == 0)
     return 2 if gains and (os.cpu_count() or 1) >= 2 and not _host_device_count_preset() else 1
 
 

@@ -39,7 +39,8 @@ flags.DEFINE_integer("awac_steps", None, "AWAC gradient steps (paper: 500000).")
 flags.DEFINE_integer("steps_per_call", None, "Updates fused into one compiled call.")
 flags.DEFINE_integer("eval_every", None, "Evaluate every this many AWAC steps.")
 flags.DEFINE_integer("eval_episodes", None, "Evaluation episodes per seed.")
-flags.DEFINE_integer("max_episode_steps", None, "Evaluation episode length.")
+flags.DEFINE_integer("max_episode_steps", None, "Episode length (time limit) of evaluations and of the "
+                     "online stage's environments.")
 flags.DEFINE_integer("checkpoint_every", None, "Checkpoint every this many steps.")
 # AWAC hyperparameters (defaults in AWACConfig).
 flags.DEFINE_integer("batch_size", None, "AWAC minibatch size.")
@@ -93,6 +94,33 @@ flags.DEFINE_integer("cpu_devices", None, "XLA host devices a CPU run uses (sing
                      "and the rest stays on the first. Default: 2 on a CPU with 2+ cores when --stages has "
                      "mb2po, or awac with an even --num_seeds; else 1. Ignored on accelerators unless given.")
 flags.DEFINE_integer("mb2po_checkpoint_every", None, "Checkpoint (ring included) every this many iterations.")
+# Online fine-tuning (defaults in online.OnlineConfig).
+flags.DEFINE_integer("online_steps", None, "Environment steps of the online stage per seed, over its "
+                     "--online_envs environments (default 250000).")
+flags.DEFINE_integer("online_envs", None, "Environments each seed acts in, side by side (default 1).")
+flags.DEFINE_float("online_ratio", None, "Fraction of each AWAC batch from the online buffer, the rest from "
+                   "the offline data (default 0.5, as RLPD; 0 and 1 allowed).")
+flags.DEFINE_integer("utd", None, "AWAC updates per environment step (default 1).")
+flags.DEFINE_integer("online_buffer_size", None, "Online replay ring capacity per seed (transitions).")
+flags.DEFINE_integer("online_warmup_steps", None, "Anti-collapse option (b): environment steps of the "
+                     "pretrained policy stored in the online buffer before any update (default 0).")
+flags.DEFINE_float("online_ratio_start", None, "Anti-collapse option (c): the online ratio at step 0 when "
+                   "--online_ratio_anneal_steps > 0, annealed linearly to --online_ratio (default 0).")
+flags.DEFINE_integer("online_ratio_anneal_steps", None, "Anti-collapse option (c): environment steps over which "
+                     "the online ratio goes from --online_ratio_start to --online_ratio (default 0: off).")
+flags.DEFINE_boolean("online_model", None, "MB2PO arm of the online stage: every --online_steps_per_call "
+                     "environment steps, --imagined_steps imagined steps (--horizon, --penalty_coef) from online "
+                     "states into a ring of --num_slots; needs a finished dynamics stage (default off).")
+flags.DEFINE_float("model_ratio", None, "With --online_model: fraction of each AWAC batch from the model ring "
+                   "(default 0.25; --online_ratio + --model_ratio <= 1, the rest is offline data).")
+flags.DEFINE_integer("model_refit_every", None, "With --online_model: environment steps between refits of the "
+                     "ensembles on offline + online data (default 10000).")
+flags.DEFINE_integer("model_refit_epochs", None, "With --online_model: dynamics epochs per refit (default 5).")
+flags.DEFINE_integer("online_steps_per_call", None, "Environment steps per host call of the online stage "
+                     "(one log line each).")
+flags.DEFINE_integer("online_eval_every", None, "Evaluate every this many online environment steps.")
+flags.DEFINE_integer("online_checkpoint_every", None, "Checkpoint (online buffer and environments included) "
+                     "every this many online environment steps.")
 flags.DEFINE_enum("restart_from", None, list(config_lib.STAGES), "Delete the checkpoints, results and metrics "
                   "of this stage and of the stages after it, then run: what extending a stage whose later "
                   "stages have already run requires (e.g. --awac_steps=N --restart_from=mb2po).")
@@ -109,19 +137,15 @@ flags.DEFINE_boolean("print_config", False, "Print the resolved configuration (p
                      "the dataset and the env id it is evaluated in as JSON, and exit: no data loaded.")
 
 
+LIST_FLAGS = {"actor_hidden_dims": int, "critic_hidden_dims": int, "dynamics_hidden_dims": int,
+              "dynamics_weight_decay": float}  # comma-separated lists, and the type of their items
+
+
 def _overrides() -> dict:
-    names = ["num_seeds", "awac_steps", "steps_per_call", "eval_every", "eval_episodes",
-             "max_episode_steps", "checkpoint_every", "batch_size", "actor_lr", "critic_lr", "gamma",
-             "tau", "temperature", "max_weight", "num_components", "normalize_observations",
-             "critic", "num_quantiles", "value_transform", "value_transform_eps",
-             "dynamics_steps", "dynamics_early_stopping", "num_members", "num_elites", "dynamics_lr",
-             "dynamics_batch_size", "holdout_fraction", "max_holdout", "max_epochs_since_improvement",
-             "mb2po_iterations", "imagined_steps", "updates_per_iteration", "num_slots", "omega", "horizon",
-             "penalty_coef", "penalty", "rollout_members", "buffer_dtype", "rollout_chunk_size",
-             "mb2po_eval_every", "mb2po_checkpoint_every"]
-    values = {name: getattr(FLAGS, name) for name in names}
-    for name, kind in (("actor_hidden_dims", int), ("critic_hidden_dims", int), ("dynamics_hidden_dims", int),
-                       ("dynamics_weight_decay", float)):
+    """Every configuration flag's value by flag name (None: not given, the preset or default applies);
+    the flags are those the config tables name (`config.field_defaults`)."""
+    values = {name: getattr(FLAGS, name) for name in config_lib.field_defaults() if name not in LIST_FLAGS}
+    for name, kind in LIST_FLAGS.items():
         if getattr(FLAGS, name) is not None:
             try:
                 values[name] = tuple(kind(w) for w in getattr(FLAGS, name))
@@ -206,8 +230,12 @@ HELP_GROUPS = {
                  "max_epochs_since_improvement"],
     "MB2PO": ["mb2po_iterations", "imagined_steps", "updates_per_iteration", "num_slots", "omega", "horizon",
               "penalty_coef", "penalty", "rollout_members", "buffer_dtype", "rollout_chunk_size"],
+    "online": ["online_steps", "online_envs", "online_ratio", "utd", "online_buffer_size", "online_warmup_steps",
+               "online_ratio_start", "online_ratio_anneal_steps", "online_model", "model_ratio", "model_refit_every",
+               "model_refit_epochs", "online_steps_per_call"],
     "evaluation and checkpoints": ["eval_every", "eval_episodes", "max_episode_steps", "checkpoint_every",
-                                   "mb2po_eval_every", "mb2po_checkpoint_every"],
+                                   "mb2po_eval_every", "mb2po_checkpoint_every", "online_eval_every",
+                                   "online_checkpoint_every"],
     "devices and hosts": ["cpu_devices", "coordinator_address", "num_processes", "process_id", "distributed"],
 }
 

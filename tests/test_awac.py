@@ -414,7 +414,7 @@ def test_quantile_critic_learns_the_quantiles_of_a_fixed_target_distribution():
     state = awac.init_seeds(jax.random.split(jax.random.PRNGKey(0), 1), 2, 1, cfg)
     state, metrics = awac.make_train_steps(3000)(state, data)
     params = jax.tree.map(lambda x: x[0], state.critic_params)
-    quantiles = np.asarray(awac._critic(cfg).apply(params, jnp.ones((1, 2)), jnp.full((1, 1), 0.5)))[:, 0]
+    quantiles = np.asarray(awac.critic_network(cfg).apply(params, jnp.ones((1, 2)), jnp.full((1, 1), 0.5)))[:, 0]
     taus = (np.arange(k) + 0.5) / k
     for twin in quantiles:
         np.testing.assert_allclose(twin, -10.0 * np.log(1.0 - taus), rtol=0.08, atol=0.8)
@@ -475,7 +475,7 @@ def test_actor_update_through_the_vjp_equals_the_plain_loss_gradient():
     key = jax.random.PRNGKey(1)
     new_state, _ = jax.jit(awac.update)(state, batch, key)
 
-    actor, critic = awac._actor(TINY, ACT_DIM), awac._critic(TINY)
+    actor, critic = awac.actor_network(TINY, ACT_DIM), awac.critic_network(TINY)
     obs = state.normalizer(batch.observations)
     actions = jnp.clip(batch.actions, -1.0 + networks.ACTION_EPS, 1.0 - networks.ACTION_EPS)
     _, pi_key = jax.random.split(key)

@@ -11,85 +11,77 @@ import struct
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
-from mb2po_jax.logger import MetricsWriter, Progress, crc32c, format_duration, masked_crc32c
+from mb2po_jax.logger import MetricsWriter, Progress, format_duration
 
 
-# ---- a minimal independent reader: TFRecord framing with CRC checks + the protobuf fields we use ----
+# ---- a minimal independent reader of the event files: TFRecord framing with its CRC32C checks, the Event
+# protobufs decoded with tensorboardX's generated classes, and TensorBoard's purge rule (a SessionLog START
+# at step T hides the points at steps >= T read before it). It runs without tensorboard installed.
 
-def read_records(path):
+def _crc32c(data):
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc32c(data):
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_events(path):
     data = open(path, "rb").read()
     pos, out = 0, []
     while pos < len(data):
         header = data[pos:pos + 8]
         (length,) = struct.unpack("<Q", header)
-        (hcrc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        assert hcrc == masked_crc32c(header), "length CRC mismatch"
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == _masked_crc32c(header), "length CRC mismatch"
         payload = data[pos + 12:pos + 12 + length]
-        (pcrc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-        assert pcrc == masked_crc32c(payload), "payload CRC mismatch"
-        out.append(payload)
+        assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == _masked_crc32c(payload), \
+            "payload CRC mismatch"
+        out.append(event_pb2.Event.FromString(payload))
         pos += 16 + length
     assert pos == len(data)
     return out
 
 
-def parse_proto(buf):
-    """{field: [values]} for wire types 0 (varint), 1 (fixed64 bytes), 2 (bytes), 5 (fixed32 bytes)."""
-    fields, pos = {}, 0
-
-    def varint():
-        nonlocal pos
-        shift = result = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return result
-
-    while pos < len(buf):
-        key = varint()
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            val = varint()
-        elif wire == 1:
-            val, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 2:
-            n = varint()
-            val, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            val, pos = buf[pos:pos + 4], pos + 4
-        else:
-            raise AssertionError(f"unexpected wire type {wire}")
-        fields.setdefault(field, []).append(val)
-    return fields
+def event_files(run_dir):
+    return sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")))
 
 
-def read_events(path):
-    events = []
-    for rec in read_records(path):
-        f = parse_proto(rec)
-        ev = {"wall_time": struct.unpack("<d", f[1][0])[0], "step": f.get(2, [0])[0]}
-        if 3 in f:
-            ev["file_version"] = f[3][0].decode()
-        if 5 in f:
-            values = {}
-            for v in parse_proto(f[5][0])[1]:
-                vf = parse_proto(v)
-                values[vf[1][0].decode()] = struct.unpack("<f", vf[2][0])[0]
-            ev["values"] = values
-        events.append(ev)
-    return events
+def read_run(run_dir):
+    """{tag: [(step, value), ...]} of one TensorBoard run (all its event files, oldest first)."""
+    scalars = {}
+    for path in event_files(run_dir):
+        events = read_events(path)
+        assert events[0].file_version == "brain.Event:2"
+        for e in events:
+            if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START:
+                scalars = {tag: [p for p in points if p[0] < e.step] for tag, points in scalars.items()}
+            for v in e.summary.value:
+                scalars.setdefault(v.tag, []).append((e.step, v.simple_value))
+    return scalars
+
+
+def runs(workdir):
+    root = os.path.join(workdir, "tensorboard")
+    return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+def test_own_reader_crc32c_known_vectors():
+    assert _crc32c(b"") == 0
+    assert _crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+    assert _crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 test vector (32 zero bytes)
 
 
 # ---------------------------------------------------------------------------------------------------
 
-def test_crc32c_known_vectors():
-    assert crc32c(b"") == 0
-    assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
-    assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 test vector (32 zero bytes)
+HOLDOUT_MSE = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, np.nan]])
 
 
 def write_sample(workdir):
@@ -99,19 +91,26 @@ def write_sample(workdir):
                               "normalized_score": np.array([1.0, np.nan, np.inf]),
                               "note": "ok"})
         w.write("awac", 200, {"critic_loss": float("nan"), "actor_loss": float("-inf")})
+        for step in (7, 14):  # the dynamics stage's values per seed [2] and per seed and member [2, 3]
+            w.write("dynamics", step, {"train_loss": np.array([0.5, 0.25]) * step, "holdout_mse": HOLDOUT_MSE * step,
+                                       "best_holdout_mse": np.full((2, 3), 0.5),
+                                       "elites": np.array([[2, 0], [1, 2]], np.int32)})
 
 
 def test_jsonl_lines_parse_with_arrays_and_nan(tmp_path):
     write_sample(tmp_path)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]  # strict: json.loads rejects nothing we write
-    assert [(r["stage"], r["step"]) for r in rows] == [("awac", 100), ("eval", 100), ("awac", 200)]
+    assert [(r["stage"], r["step"]) for r in rows] == [("awac", 100), ("eval", 100), ("awac", 200),
+                                                       ("dynamics", 7), ("dynamics", 14)]
     assert all(isinstance(r["time"], float) and abs(r["time"] - rows[0]["time"]) < 60 for r in rows)
     assert rows[0]["critic_loss"] == 1.5 and rows[0]["q"] == 2.25 and rows[0]["n"] == 3
     assert rows[1]["return"] == [10.0, 20.0, 30.0]
     assert rows[1]["normalized_score"] == [1.0, None, None]
     assert rows[1]["note"] == "ok"
     assert rows[2]["critic_loss"] is None and rows[2]["actor_loss"] is None
+    assert rows[3]["holdout_mse"] == [[7.0, 14.0, 21.0], [28.0, 35.0, None]]
+    assert rows[3]["elites"] == [[2, 0], [1, 2]]
     for line in lines:  # valid JSON for any parser: no NaN/Infinity tokens
         assert "NaN" not in line and "Infinity" not in line
 
@@ -131,52 +130,112 @@ def test_resume_appends_after_torn_line(tmp_path):
         w.write("awac", 2, {"loss": 0.5})
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5)]
+    assert runs(tmp_path) == []  # tensorboard=False: no event files
 
 
-def test_event_file_read_back_with_own_reader(tmp_path):
+def test_event_files_one_run_per_stage_read_back_with_own_reader(tmp_path):
     write_sample(tmp_path)
-    files = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-    assert len(files) == 1
-    assert re.fullmatch(r"events\.out\.tfevents\.\d+\.[^/]+", os.path.basename(files[0]))
-    events = read_events(files[0])
-    assert events[0]["file_version"] == "brain.Event:2"
-    summaries = [(e["step"], e["values"]) for e in events[1:]]
-    assert summaries[0] == (100, {"awac/critic_loss": 1.5, "awac/q": 2.25, "awac/n": 3.0})
-    step, vals = summaries[1]
-    assert step == 100 and set(vals) == {
-        "eval/return", "eval/return/seed_0", "eval/return/seed_1", "eval/return/seed_2",
-        "eval/normalized_score", "eval/normalized_score/seed_0", "eval/normalized_score/seed_1",
-        "eval/normalized_score/seed_2"}
-    assert vals["eval/return"] == 20.0 and vals["eval/return/seed_2"] == 30.0
-    assert math.isnan(vals["eval/normalized_score/seed_1"])
-    assert math.isinf(vals["eval/normalized_score/seed_2"])
-    assert summaries[2][0] == 200 and math.isnan(summaries[2][1]["awac/critic_loss"])
+    assert runs(tmp_path) == ["awac", "dynamics", "eval"]
+    for stage in runs(tmp_path):
+        (path,) = event_files(tmp_path / "tensorboard" / stage)
+        assert re.fullmatch(r"events\.out\.tfevents\.\d+\.[^/]+", os.path.basename(path))
+
+    awac = read_run(tmp_path / "tensorboard" / "awac")
+    assert set(awac) == {"awac/critic_loss", "awac/q", "awac/n", "awac/actor_loss"}
+    assert awac["awac/critic_loss"][0] == (100, 1.5) and awac["awac/critic_loss"][1][0] == 200
+    assert math.isnan(awac["awac/critic_loss"][1][1])
+    assert awac["awac/q"] == [(100, 2.25)] and awac["awac/n"] == [(100, 3.0)]
+    assert awac["awac/actor_loss"] == [(200, -math.inf)]
+
+    ev = read_run(tmp_path / "tensorboard" / "eval")
+    assert set(ev) == {"eval/return", "eval/return/seed_0", "eval/return/seed_1", "eval/return/seed_2",
+                       "eval/normalized_score", "eval/normalized_score/seed_0", "eval/normalized_score/seed_1",
+                       "eval/normalized_score/seed_2"}
+    assert ev["eval/return"] == [(100, 20.0)] and ev["eval/return/seed_2"] == [(100, 30.0)]
+    assert math.isnan(ev["eval/normalized_score/seed_1"][0][1])
+    assert math.isinf(ev["eval/normalized_score/seed_2"][0][1])
+
+    dyn = read_run(tmp_path / "tensorboard" / "dynamics")
+    members = {f"dynamics/{m}/seed_{s}/member_{k}" for m in ("holdout_mse", "best_holdout_mse")
+               for s in range(2) for k in range(3)}
+    means = {f"dynamics/{m}{seed}" for m in ("holdout_mse", "best_holdout_mse", "train_loss")
+             for seed in ("", "/seed_0", "/seed_1")}
+    ranks = {f"dynamics/elites/seed_{s}/rank_{k}" for s in range(2) for k in range(2)}
+    assert set(dyn) == members | means | ranks
+    assert dyn["dynamics/holdout_mse/seed_0/member_2"] == [(7, 21.0), (14, 42.0)]
+    assert dyn["dynamics/holdout_mse/seed_1/member_0"] == [(7, 28.0), (14, 56.0)]
+    assert math.isnan(dyn["dynamics/holdout_mse/seed_1/member_2"][0][1])
+    assert dyn["dynamics/holdout_mse/seed_0"] == [(7, 14.0), (14, 28.0)]  # mean over the seed's members
+    assert dyn["dynamics/best_holdout_mse/seed_1/member_1"] == [(7, 0.5), (14, 0.5)]
+    assert dyn["dynamics/elites/seed_0/rank_0"] == [(7, 2.0), (14, 2.0)]  # the best member of seed 0
+    assert dyn["dynamics/train_loss/seed_1"] == [(7, 1.75), (14, 3.5)]
 
 
-def test_many_seeds_log_only_the_mean(tmp_path):
+def test_many_seeds_or_members_log_only_the_mean(tmp_path):
     with MetricsWriter(tmp_path) as w:
         w.write("eval", 5, {"return": np.arange(10.0)})
-    (path,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-    assert read_events(path)[1]["values"] == {"eval/return": 4.5}
+        w.write("dynamics", 5, {"holdout_mse": np.ones((9, 2)), "elites": np.zeros((9, 2), np.int32)})
+        w.write("dynamics", 6, {"holdout_mse": np.ones((2, 33))})
+    assert read_run(tmp_path / "tensorboard" / "eval") == {"eval/return": [(5, 4.5)]}
+    assert read_run(tmp_path / "tensorboard" / "dynamics") == {
+        "dynamics/holdout_mse": [(5, 1.0), (6, 1.0)],
+        "dynamics/holdout_mse/seed_0": [(6, 1.0)], "dynamics/holdout_mse/seed_1": [(6, 1.0)]}
 
 
-def test_event_file_read_back_with_tensorboard(tmp_path):
-    ea_mod = pytest.importorskip(
-        "tensorboard.backend.event_processing.event_accumulator",
-        reason="tensorboard not installed: only the built-in reader checks the event file")
+def write_resumed(workdir):
+    """A run killed after awac step 3 (checkpoint at step 1) and rerun at once (same second): the rerun drops
+    the records after step 1 and redoes steps 2 and 3; the dynamics stage is untouched."""
+    with MetricsWriter(workdir) as w:
+        for step in (1, 2, 3):
+            w.write("awac", step, {"loss": float(step)})
+        w.write("dynamics", 2, {"mse": 0.5})
+    with MetricsWriter(workdir) as w:
+        w.truncate("awac", 1)
+        for step in (2, 3):
+            w.write("awac", step, {"loss": 10.0 * step})
+
+
+def test_resume_marks_redone_steps_in_a_new_event_file(tmp_path):
+    write_resumed(tmp_path)
+    files = event_files(tmp_path / "tensorboard" / "awac")
+    assert len(files) == 2  # the rerun's file does not replace the first one (same second)
+    first, second = (read_events(path) for path in files)
+    assert [e.step for e in first if e.summary.value] == [1, 2, 3]  # event files are never rewritten
+    marks = [(i, e.step) for i, e in enumerate(second)
+             if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START]
+    assert len(marks) == 1 and marks[0][1] == 2  # the purge marker: the first redone step
+    assert [e.step for e in second[marks[0][0]:] if e.summary.value] == [2, 3]  # before the redone points
+    assert read_run(tmp_path / "tensorboard" / "awac") == {"awac/loss": [(1, 1.0), (2, 20.0), (3, 30.0)]}
+    assert read_run(tmp_path / "tensorboard" / "dynamics") == {"dynamics/mse": [(2, 0.5)]}
+
+
+def test_event_files_read_back_with_tensorboard(tmp_path):
+    em_mod = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_multiplexer",
+        reason="tensorboard not installed: only the built-in reader checks the event files")
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked
     for data in (b"", b"brain.Event:2", bytes(range(256)) * 3):
-        assert masked_crc32c(data) == tb_masked(data)
-    write_sample(tmp_path)
-    acc = ea_mod.EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    assert {"awac/critic_loss", "awac/q", "eval/return", "eval/return/seed_1"} <= set(tags)
-    loss = acc.Scalars("awac/critic_loss")
-    assert [e.step for e in loss] == [100, 200]
-    assert loss[0].value == 1.5 and math.isnan(loss[1].value)
-    assert [(e.step, e.value) for e in acc.Scalars("eval/return")] == [(100, 20.0)]
-    assert acc.Scalars("eval/return/seed_1")[0].value == 20.0
+        assert _masked_crc32c(data) == tb_masked(data)  # the built-in reader checks what TensorBoard checks
+    write_sample(tmp_path / "sample")
+    write_resumed(tmp_path / "resumed")
+    mux = em_mod.EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    assert set(mux.Runs()) == {"sample/tensorboard/awac", "sample/tensorboard/eval", "sample/tensorboard/dynamics",
+                               "resumed/tensorboard/awac", "resumed/tensorboard/dynamics"}
+
+    def points(run, tag):
+        return [(e.step, e.value) for e in mux.Scalars(f"{run}/tensorboard/{tag.split('/')[0]}", tag)]
+
+    assert set(mux.GetAccumulator("sample/tensorboard/awac").Tags()["scalars"]) == {
+        "awac/critic_loss", "awac/q", "awac/n", "awac/actor_loss"}
+    loss = points("sample", "awac/critic_loss")
+    assert loss[0] == (100, 1.5) and loss[1][0] == 200 and math.isnan(loss[1][1])
+    assert points("sample", "eval/return") == [(100, 20.0)]
+    assert points("sample", "eval/return/seed_1") == [(100, 20.0)]
+    assert points("sample", "dynamics/holdout_mse/seed_0/member_2") == [(7, 21.0), (14, 42.0)]
+    assert points("sample", "dynamics/elites/seed_1/rank_1") == [(7, 2.0), (14, 2.0)]
+    assert points("resumed", "awac/loss") == [(1, 1.0), (2, 20.0), (3, 30.0)]  # the purge marker is honoured
+    assert points("resumed", "dynamics/mse") == [(2, 0.5)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def _run(workdir, data, **overrides):
 
 
 def _mb2po_checkpoint(workdir, run):
-    agents = run._finished_awac()
+    agents = run.finished_awac()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints", "mb2po"))
     state, meta = ckpt.restore(run.init_mb2po(agents))
     ckpt.close()

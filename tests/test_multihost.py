@@ -64,11 +64,13 @@ def _lines(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _check_one_writer(workdir, outs, invocations):
+def _check_one_writer(workdir, outs, event_files):
+    """`event_files`: {stage: invocations that wrote it}: one event file each, by process 0 alone."""
     lines = _lines(workdir)
     keys = [(r["stage"], r["step"], "return" in r) for r in lines]
     assert len(keys) == len(set(keys)), "a metrics line was written twice"
-    assert len(list((workdir / "tensorboard").iterdir())) == invocations  # one event file each, process 0
+    runs = {run.name: len(list(run.iterdir())) for run in (workdir / "tensorboard").iterdir()}
+    assert runs == event_files
     assert json.loads(outs[0][0].strip().splitlines()[-1])["final"]  # process 0 prints the summary
     assert "final" not in outs[1][0]
     return lines
@@ -91,13 +93,13 @@ def test_two_processes_equal_one_and_resume(tmp_path):
 
     outs = _train_processes(["--dataset", data, "--workdir", str(multi), "--awac_steps=20", *AWAC])
     assert "2 devices (cpu) on 2 processes, seeds sharded" in outs[0][1]
-    _check_one_writer(multi, outs, invocations=1)
+    _check_one_writer(multi, outs, {"awac": 1})
     first = json.loads((multi / "results.json").read_text())
     assert first["num_seeds"] == 2 and first["num_processes"] == 2
 
     outs = _train_processes(["--dataset", data, "--workdir", str(multi), "--awac_steps=30", *AWAC])
     assert "[awac] resuming from step 20" in outs[0][1]
-    lines = _check_one_writer(multi, outs, invocations=2)
+    lines = _check_one_writer(multi, outs, {"awac": 2})
     assert [r["step"] for r in lines if "critic_loss" in r] == [10, 20, 30]
     assert [r["step"] for r in lines if "return" in r] == [10, 20, 30]
 
@@ -121,7 +123,7 @@ def test_two_processes_three_stages_equal_one_and_resume(tmp_path):
     _train_processes([*common, "--workdir", str(multi), "--mb2po_iterations=2"])
     outs = _train_processes([*common, "--workdir", str(multi), "--mb2po_iterations=3"])
     assert "[mb2po] resuming from iteration 2" in outs[0][1]
-    lines = _check_one_writer(multi, outs, invocations=2)
+    lines = _check_one_writer(multi, outs, {"awac": 1, "dynamics": 1, "mb2po": 2})  # (awac, dynamics: done)
     assert [r["step"] for r in lines if r["stage"] == "mb2po" and "critic_loss" in r] == [1, 2, 3]
     results = json.loads((multi / "results.json").read_text())
     _assert_same_finals(results["final"], json.loads((ref / "results.json").read_text())["final"], rtol=1e-3)

@@ -68,7 +68,7 @@ def test_cli_writes_documented_outputs(tmp_path):
     assert set(results["final"]["awac"]) >= {"return", "normalized_score"}
     assert len(results["final"]["awac"]["return"]) == 2
     assert results["final"]["awac"]["return"] == evals[-1]["return"]
-    assert list((workdir / "tensorboard").iterdir()), "no TensorBoard event file"
+    assert list((workdir / "tensorboard" / "awac").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert json.loads(out.stdout.strip().splitlines()[-1])["final"]["awac"]["return"]
 
 

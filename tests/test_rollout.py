@@ -72,7 +72,7 @@ def test_penalty_equals_hand_computed_value(penalty, members):
         mu = MEANS[penalised, :OBS]
         u = np.linalg.norm(mu - mu.mean(0), axis=-1).max()
     lam = 2.5
-    cfg = ro.RolloutConfig(horizon=2, penalty_coef=lam, penalty=penalty, members=members, chunk_size=64)
+    cfg = ro.RolloutConfig(horizon=2, penalty_coef=lam, penalty=penalty, rollout_members=members, chunk_size=64)
     batch, _, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
         jax.random.PRNGKey(1), None, state, jnp.zeros((16, OBS))
     )
@@ -123,7 +123,7 @@ def test_member_choice_is_uniform_over_the_member_set(penalty, members):
     means[:, 0] = np.arange(e)  # member i moves x by exactly i
     state = hand_state(means, np.full((e, D), -200.0), [4, 0, 2], min_logvar=-60.0)
     b = 6000
-    cfg = ro.RolloutConfig(horizon=1, penalty=penalty, members=members, chunk_size=1024)
+    cfg = ro.RolloutConfig(horizon=1, penalty=penalty, rollout_members=members, chunk_size=1024)
     batch, valid, _ = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(
         jax.random.PRNGKey(3), None, state, jnp.zeros((b, OBS))
     )
@@ -183,11 +183,11 @@ def test_chunk_equals_the_plain_model_step_with_the_same_draws(members):
     policy = init_tanh_gaussian_policy(jax.random.PRNGKey(2), OBS, ACT, hidden=(16,))
     h, b, lam = 4, 24, 0.7
     start = jax.random.normal(jax.random.PRNGKey(3), (b, OBS))
-    rcfg = ro.RolloutConfig(horizon=h, penalty_coef=lam, members=members, chunk_size=b)  # one chunk
+    rcfg = ro.RolloutConfig(horizon=h, penalty_coef=lam, rollout_members=members, chunk_size=b)  # one chunk
     key = jax.random.PRNGKey(4)
     batch, valid, _ = ro.make_rollout_fn(tanh_gaussian_policy_fn, never_terminate, rcfg)(key, policy, state, start)
 
-    evaluated, draw_pos = ro._member_sets(state, rcfg)
+    evaluated, draw_pos = ro.member_sets(state, rcfg)
     params = dyn.take_members(state.params, evaluated)
     (chunk_key,) = jax.random.split(key, 1)  # `rollout` splits its key over the chunks
     policy_keys, drawn, noise = ro.draw_chunk(chunk_key, draw_pos, h, b, OBS + 1, jnp.float32)

@@ -62,7 +62,7 @@ def _implied_env_id(name: str) -> str | None:
     if registry.is_local_name(name):
         return registry.parse_local_name(name).env_id
     if "/" in name:
-        from mb2po_jax.data import minari_io
+        from mb2po_jax.data import minari_io  # imports minari, an optional extra: only when asked for
 
         return minari_io.implied_env_id(name)
     return registry.env_id_for(name) if registry.env_key(name) else None
