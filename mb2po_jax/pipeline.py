@@ -7,7 +7,7 @@ handles files (config.json, metrics.jsonl, checkpoints/<stage>/, results.json), 
     WORKDIR/config.json       the settings the run was started with (a rerun must agree on them)
     WORKDIR/metrics.jsonl     one JSON object per line: {"stage", "step", ...}; evaluations add
                               "return" and "normalized_score" (lists over seeds)
-    WORKDIR/tensorboard/      the same metrics as TensorBoard event files
+    WORKDIR/tensorboard/<stage>/  the same metrics as TensorBoard event files, one run per stage
     WORKDIR/checkpoints/awac  orbax checkpoints of the full training state, one directory per stage
     WORKDIR/checkpoints/dynamics, WORKDIR/checkpoints/mb2po, WORKDIR/checkpoints/online
     WORKDIR/results.json      written when every requested stage has finished: the final scores of every
