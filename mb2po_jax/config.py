@@ -7,6 +7,7 @@ Precedence, lowest first: dataclass defaults < per-task (h, lambda) from the tab
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import os
@@ -19,10 +20,12 @@ from mb2po_jax.data import registry
 from mb2po_jax.dynamics import DynamicsConfig
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.mb2po import MB2POConfig
-from mb2po_jax.online import FLAGS as ONLINE_FLAGS, OnlineConfig
+from mb2po_jax.online import FLAGS as ONLINE_FLAGS, SCHEDULE as ONLINE_SCHEDULE, OnlineConfig
 
 STAGES = ("awac", "dynamics", "mb2po", "online")
 SECTIONS = ("awac", "dynamics", "mb2po", "online")  # RunConfig's nested config sections
+# MB2PO settings that may change between reruns of one workdir (extending a run), like the step counts.
+MB2PO_SCHEDULE = ("iterations",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,3 +209,31 @@ def flag_name(section: str, field: str) -> str:
 def to_dict(config: RunConfig) -> dict[str, Any]:
     """JSON-able view (tuples become lists) for config.json and results.json."""
     return dataclasses.asdict(config)
+
+
+def identity(config: RunConfig) -> dict[str, Any]:
+    """The settings that define what a run's checkpoints are: seed, seed count and every section's fields
+    except its schedule (step counts, evaluation and checkpoint intervals may change to extend a run). A
+    rerun of a workdir that differs in one of them is refused (pipeline), and the default workdir's name
+    carries a hash of them where they differ from the preset's (`default_workdir`)."""
+    cfg = to_dict(config)
+    return {"seed": cfg["seed"], "num_seeds": cfg["num_seeds"], "awac": cfg["awac"], "dynamics": cfg["dynamics"],
+            "mb2po": {k: v for k, v in cfg["mb2po"].items() if k not in MB2PO_SCHEDULE},
+            "online": {k: v for k, v in cfg["online"].items() if k not in ONLINE_SCHEDULE}}
+
+
+def default_workdir(dataset: str, preset: str, config: RunConfig, task: Mapping[str, Any] | None = None,
+                    env: str | None = None) -> str:
+    """`workdirs/<dataset>_<preset>_seed<seed>` for the preset's own settings; with a `_<8 hex digits>`
+    suffix, a hash of the run's identity (and `env`, if given), when flags change what the run is (say
+    --penalty_coef or --num_seeds), so a tweaked run starts in its own workdir instead of being refused by
+    the untweaked one's. Schedule flags (--awac_steps, --mb2po_iterations, ...) keep the name: a rerun with
+    more steps extends the run."""
+    name = f"{os.path.basename(dataset).replace('/', '_')}_{preset}_seed{config.seed}"
+    plain = make_config(preset, {"seed": config.seed, "stages": config.stages}, task)
+    settings = identity(config)
+    if settings != identity(plain) or env:
+        settings["env"] = env
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{name}_{digest}"
+    return os.path.join("workdirs", name)

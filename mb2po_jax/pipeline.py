@@ -63,11 +63,9 @@ from mb2po_jax.errors import ConfigError, DivergedError, WorkdirError
 from mb2po_jax.evaluation import evaluate
 from mb2po_jax.logger import MetricsWriter, Progress
 
-# Settings that define what a workdir's checkpoints are; a rerun that differs in one of them is refused.
-# Step counts, evaluation and checkpoint intervals may change between reruns (e.g. to extend a run).
+# Settings that define what a workdir's checkpoints are (config.identity, with the dataset and env); a rerun
+# that differs in one of them is refused.
 IDENTITY_FIELDS = ("dataset", "env", "seed", "num_seeds", "awac", "dynamics", "mb2po", "online")
-# MB2PO settings that may change between reruns (extending a run), like the step counts.
-MB2PO_SCHEDULE = ("iterations",)
 
 
 class Stopped(Exception):
@@ -323,12 +321,7 @@ class Run:
         return sum(d.process_index == jax.process_index() for d in devices) / len(devices)
 
     def _identity(self, dataset_arg: str, env_arg: str | None) -> dict:
-        cfg = config_lib.to_dict(self.config)
-        schedule_free = {k: v for k, v in cfg["mb2po"].items() if k not in MB2PO_SCHEDULE}
-        online_settings = {k: v for k, v in cfg["online"].items() if k not in online.SCHEDULE}
-        return {"dataset": dataset_arg, "env": self.env_id, "seed": cfg["seed"],
-                "num_seeds": cfg["num_seeds"], "awac": cfg["awac"], "dynamics": cfg["dynamics"],
-                "mb2po": schedule_free, "online": online_settings}
+        return {"dataset": dataset_arg, "env": self.env_id, **config_lib.identity(self.config)}
 
     def _check_config(self, dataset_arg: str, env_arg: str | None) -> dict:
         """Refuses settings that differ from those the workdir's checkpoints were made with (naming each

@@ -13,7 +13,6 @@ Several hosts: run the same command on every host with --coordinator_address=HOS
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
@@ -29,7 +28,8 @@ flags.DEFINE_string("dataset", None, "D4RL name (hopper-medium-replay-v2), local
                     "Default: the built-in local dataset, generated on first use.")
 flags.DEFINE_string("env", None, "Gymnasium env id overriding the one implied by the dataset.")
 flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists). "
-                    "Default: workdirs/<dataset>_<preset>_seed<seed>.")
+                    "Default: workdirs/<dataset>_<preset>_seed<seed>, with _<hash> of the settings added "
+                    "when flags change what the run is (e.g. --penalty_coef; not step counts).")
 flags.DEFINE_string("preset", "smoke", f"One of {sorted(config_lib.PRESETS)}.")
 flags.DEFINE_list("stages", ["awac"], f"Stages to run, from {','.join(config_lib.STAGES)}.")
 flags.DEFINE_integer("seed", 0, "Base seed; seed axis s uses key split(PRNGKey(seed), num_seeds)[s].")
@@ -196,10 +196,8 @@ def main(argv):
     from mb2po_jax import pipeline  # heavy imports after flag parsing, so --help is fast
 
     try:
-        workdir = FLAGS.workdir or os.path.join(
-            "workdirs",
-            f"{os.path.basename(dataset_name or 'default').replace('/', '_')}_{FLAGS.preset}_seed{FLAGS.seed}",
-        )
+        workdir = FLAGS.workdir or config_lib.default_workdir(dataset_name or "default", FLAGS.preset, config,
+                                                              task, FLAGS.env)
         layout = sharding.cpu_layout(config.num_seeds, cpu_devices, strict=FLAGS.cpu_devices is not None)
         run = pipeline.Run(workdir, dataset_name, FLAGS.env, config, preset=FLAGS.preset, layout=layout,
                            restart_from=FLAGS.restart_from)

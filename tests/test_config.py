@@ -111,3 +111,25 @@ def test_help_lists_this_programs_flags_by_stage_with_presets(flag):
     assert "--rollout_members (default: all)" in text and "--critic (default: twin)" in text
     assert "test_srcdir" not in text and "chex_" not in text  # absltest's and chex's flags stay in --helpfull
     assert "\nother:" not in text  # every flag of the program sits in a stage group
+
+
+def test_default_workdir_names_tweaked_settings_apart_and_keeps_extended_runs_together():
+    task = config_lib.task_defaults("hopper-medium-replay-local")
+
+    def workdir(**overrides):
+        config = config_lib.make_config("smoke", {"seed": 0, "stages": ("awac",), **overrides}, task)
+        return config_lib.default_workdir("hopper-medium-replay-local", "smoke", config, task)
+
+    plain = workdir()
+    assert plain == os.path.join("workdirs", "hopper-medium-replay-local_smoke_seed0")
+    # More steps or other intervals extend the same run: same workdir.
+    assert workdir(awac_steps=5000, mb2po_iterations=7, eval_every=1000) == plain
+    # Settings that define the run get their own workdir, named by a stable hash of the settings.
+    tweaked = workdir(penalty_coef=2.0)
+    assert tweaked.startswith(plain + "_") and len(tweaked) == len(plain) + 9
+    assert workdir(penalty_coef=2.0) == tweaked
+    assert len({tweaked, workdir(penalty_coef=3.0), workdir(num_seeds=2), workdir(actor_lr=1e-4)}) == 4
+    # The task table's own value is not a tweak; --env is always named.
+    assert workdir(penalty_coef=task["penalty_coef"]) == plain
+    config = config_lib.make_config("smoke", {"seed": 0, "stages": ("awac",)}, task)
+    assert config_lib.default_workdir("hopper-medium-replay-local", "smoke", config, task, "Hopper-v5") != plain
