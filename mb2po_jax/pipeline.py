@@ -159,12 +159,13 @@ def _to_list(x) -> list[float]:
     return [float(v) for v in np.asarray(x).reshape(-1)]
 
 
-def _differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(flag, old value, new value) of every setting that differs between two recorded identities. A key
-    only one of them has (a field a workdir of another version did not record) is not compared."""
+def _differences(old: dict, new: dict, open_sections: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """(flag, old value, new value) of every setting that differs between two recorded identities, except
+    in `open_sections`. A key only one of them has (a field a workdir of another version did not record)
+    is not compared."""
     out = []
     for key in IDENTITY_FIELDS:
-        if key not in old or key not in new:
+        if key in open_sections or key not in old or key not in new:
             continue
         a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict):  # a config section: its fields one by one
@@ -323,9 +324,21 @@ class Run:
     def _identity(self, dataset_arg: str, env_arg: str | None) -> dict:
         return {"dataset": dataset_arg, "env": self.env_id, **config_lib.identity(self.config)}
 
+    def _open_sections(self) -> tuple[str, ...]:
+        """The config sections whose settings may still change: a stage's, until that stage or a later one
+        has a checkpoint (a stage that --restart_from deletes counts as not started). So a finished
+        workdir can branch into an online stage with other settings, or rerun MB2PO with another
+        --penalty_coef after --restart_from=mb2po, while AWAC's and the dynamics' settings stay fixed."""
+        started = [stage for stage in config_lib.STAGES
+                   if stage not in self.restarted and _has_steps(self._stage_dir(stage))]
+        if not started:
+            return config_lib.SECTIONS
+        return config_lib.STAGES[config_lib.STAGES.index(started[-1]) + 1:]
+
     def _check_config(self, dataset_arg: str, env_arg: str | None) -> dict:
         """Refuses settings that differ from those the workdir's checkpoints were made with (naming each
-        differing setting with both values); returns this run's identity, for config.json."""
+        differing setting with both values; the dataset, env and seeds always, a stage's settings once it
+        or a later stage has a checkpoint: `_open_sections`); returns this run's identity, for config.json."""
         path = os.path.join(self.workdir, "config.json")
         identity = json.loads(json.dumps(self._identity(dataset_arg, env_arg)))  # tuples -> lists
         if os.path.exists(path):
@@ -340,7 +353,7 @@ class Run:
                     "checkpoints were made with; restore it, or delete it and rerun with the original settings"
                 ) from None
             # Fields a workdir of an older version did not record are not compared.
-            diffs = _differences(previous.get("identity", {}), identity)
+            diffs = _differences(previous.get("identity", {}), identity, self._open_sections())
             if diffs:
                 shown = "; ".join(f"{name}: was {old!r}, now {new!r}" for name, old, new in diffs[:8])
                 more = f"; and {len(diffs) - 8} more" if len(diffs) > 8 else ""

@@ -287,14 +287,13 @@ def test_awac_then_online_counts_storage_and_exact_resume(tmp_path):
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(other)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-
-def test_online_settings_are_part_of_the_workdirs_identity(tmp_path):
-    data = _write_hopper_file(tmp_path / "tiny.hdf5")
-    workdir = str(tmp_path / "run")
-    pipeline.Run(workdir, data, None, _config(), log=lambda msg: None).close()
-    pipeline.Run(workdir, data, None, _config(online_steps=400), log=lambda msg: None).close()  # extends
+    # The online settings are part of the workdir's identity once the stage has a checkpoint (more steps
+    # extend it); --restart_from=online reopens them.
+    pipeline.Run(str(straight), data, None, _config(online_steps=400), log=lambda msg: None).close()
     with pytest.raises(ConfigError, match="--online_ratio: was 0.5, now 0.25"):
-        pipeline.Run(workdir, data, None, _config(online_ratio=0.25), log=lambda msg: None)
+        pipeline.Run(str(straight), data, None, _config(online_ratio=0.25), log=lambda msg: None)
+    pipeline.Run(str(straight), data, None, _config(online_ratio=0.25), log=lambda msg: None,
+                 restart_from="online").close()
 
 
 def test_online_after_mb2po_continues_the_mb2po_agent(tmp_path):

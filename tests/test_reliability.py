@@ -274,14 +274,22 @@ def test_cli_refuses_a_negative_penalty_before_any_work(tmp_path, data):
 
 
 def test_settings_mismatch_names_only_the_differing_settings(tmp_path, data):
-    overrides = dict(awac_steps=10, steps_per_call=10, eval_every=10, checkpoint_every=10)
-    pipeline.Run(str(tmp_path / "run"), data, None, config_lib.make_config("smoke", overrides)).close()
-    other = config_lib.make_config("smoke", {**overrides, "temperature": 0.5, "dynamics_lr": 3e-3})
+    """Once AWAC has a checkpoint, its settings and the seeds are fixed (each difference named); the later
+    stages' settings stay open until they start, and --restart_from reopens a stage's."""
+    overrides = dict(awac_steps=10, steps_per_call=10, eval_every=10, checkpoint_every=10, eval_episodes=1,
+                     max_episode_steps=20, actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=32)
+    workdir = str(tmp_path / "run")
+    pipeline.Run(workdir, data, None, config_lib.make_config("smoke", overrides), log=lambda msg: None)()
+    other = config_lib.make_config("smoke", {**overrides, "temperature": 0.5, "seed": 1, "dynamics_lr": 3e-3})
     with pytest.raises(ConfigError) as refused:
-        pipeline.Run(str(tmp_path / "run"), data, None, other)
+        pipeline.Run(workdir, data, None, other)
     message = str(refused.value)
-    assert "--temperature: was 1.0, now 0.5" in message and "--dynamics_lr: was 0.001, now 0.003" in message
-    assert "actor_lr" not in message and "{" not in message, message
+    assert "--temperature: was 1.0, now 0.5" in message and "--seed: was 0, now 1" in message, message
+    assert "actor_lr" not in message and "dynamics_lr" not in message and "{" not in message, message
+    # The dynamics stage has not started: its settings may change; AWAC's reopen with --restart_from=awac.
+    pipeline.Run(workdir, data, None, config_lib.make_config("smoke", {**overrides, "dynamics_lr": 3e-3})).close()
+    pipeline.Run(workdir, data, None, config_lib.make_config("smoke", {**overrides, "temperature": 0.5}),
+                 restart_from="awac").close()
 
 
 # ----------------------------------------------------------------------------------------------- signals
