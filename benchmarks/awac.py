@@ -25,18 +25,17 @@ by their trip count), so a change to `awac.update` that adds or drops matmuls sh
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (
-    backward_flops, dense_flops, hlo_matmul_flops, matmul_flops_per_s, require_torch, time_call,
+    backward_flops, dense_flops, environment, hlo_matmul_flops, matmul_flops_per_s, require_torch, time_call,
 )
 from mb2po_jax import awac
 from mb2po_jax.data.transitions import Transitions
@@ -150,40 +149,11 @@ def run(
         cpu_seconds.append(time.process_time() - c0)
         return metrics
 
+    measure_torch = None
     if compare_torch:
-        import torch
-
-        from benchmarks import torch_reference
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        torch_data = {k: torch.from_numpy(v) for k, v in arrays.items()}
-
-        def measure_torch() -> dict[str, float]:
-            return torch_reference.timed_rates(
-                obs_dim, act_dim, batch_size, min_time, hidden_dims=hidden_dims,
-                steps_per_chunk=torch_steps_per_chunk or steps_per_call, data=torch_data,
-            )
-
-    runs: dict[str, list[float]] = {
-        "updates_per_s": [], "cpu_updates_per_s": [], "seconds_per_call": [], "matmul_flops_per_s": []
-    }
-    if compare_torch:
-        runs.update(torch_updates_per_s=[], torch_cpu_updates_per_s=[])
-    for rep in range(repeats):
-        if compare_torch:
-            rates = measure_torch()
-            runs["torch_updates_per_s"].append(rates["updates_per_s"])
-            runs["torch_cpu_updates_per_s"].append(rates["cpu_updates_per_s"])
-            _log(f"repeat {rep + 1}/{repeats}: torch {rates['updates_per_s']:.1f} updates/s")
-        cpu_seconds.clear()
-        seconds = time_call(call, min_time=min_time)
-        runs["seconds_per_call"].append(seconds)
-        runs["updates_per_s"].append(num_seeds * steps_per_call / seconds)
-        runs["cpu_updates_per_s"].append(num_seeds * steps_per_call / min(cpu_seconds[1:]))
-        runs["matmul_flops_per_s"].append(matmul_flops_per_s())
-        _log(f"repeat {rep + 1}/{repeats}: jax {runs['updates_per_s'][-1]:.1f} seed-updates/s, "
-             f"matmul {runs['matmul_flops_per_s'][-1] / 1e9:.1f} GFLOP/s")
+        measure_torch = _torch_rates_fn(arrays, obs_dim, act_dim, batch_size, min_time, hidden_dims,
+                                        torch_steps_per_chunk or steps_per_call, torch_threads)
+    runs = _timed_repeats(call, cpu_seconds, measure_torch, repeats, min_time, num_seeds * steps_per_call)
 
     breakdown = update_flops(obs_dim, act_dim, config)
     flops = sum(breakdown.values())
@@ -210,15 +180,13 @@ def run(
         "repeats": repeats,
         "min_time": min_time,
         "config": dataclasses.asdict(config),
-        "device": str(jax.devices()[0]),
-        "jax_version": jax.__version__,
-        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
-        "jax_default_prng_impl": jax.config.jax_default_prng_impl,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **environment(),
         "fraction_of_matmul_peak_runs": fractions,
         **{f"{k}_runs": v for k, v in runs.items()},
     }
     if compare_torch:
+        import torch
+
         speedups = [j / t for j, t in zip(runs["updates_per_s"], runs["torch_updates_per_s"])]
         result.update(
             torch_updates_per_s=statistics.median(runs["torch_updates_per_s"]),
@@ -231,3 +199,44 @@ def run(
             torch_flops_per_update=torch_update_flops(obs_dim, act_dim, batch_size, hidden_dims),
         )
     return result
+
+
+def _torch_rates_fn(arrays: dict[str, np.ndarray], obs_dim: int, act_dim: int, batch_size: int, min_time: float,
+                    hidden_dims: Sequence[int], steps_per_chunk: int, threads: int) -> Callable[[], dict[str, float]]:
+    """() -> the torch reference's rates on the same data (torch is optional: imported only here)."""
+    import torch
+
+    from benchmarks import torch_reference
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch_data = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    return lambda: torch_reference.timed_rates(obs_dim, act_dim, batch_size, min_time, hidden_dims=hidden_dims,
+                                               steps_per_chunk=steps_per_chunk, data=torch_data)
+
+
+def _timed_repeats(call: Callable[[], Any], cpu_seconds: list[float],
+                   measure_torch: Callable[[], dict[str, float]] | None, repeats: int, min_time: float,
+                   updates_per_call: int) -> dict[str, list[float]]:
+    """`repeats` best-of timings of `call` (each after the torch reference's, when given, so both see the
+    same machine load) and the matmul rate beside each: the lists `run` reports medians of."""
+    runs: dict[str, list[float]] = {
+        "updates_per_s": [], "cpu_updates_per_s": [], "seconds_per_call": [], "matmul_flops_per_s": []
+    }
+    if measure_torch is not None:
+        runs.update(torch_updates_per_s=[], torch_cpu_updates_per_s=[])
+    for rep in range(repeats):
+        if measure_torch is not None:
+            rates = measure_torch()
+            runs["torch_updates_per_s"].append(rates["updates_per_s"])
+            runs["torch_cpu_updates_per_s"].append(rates["cpu_updates_per_s"])
+            _log(f"repeat {rep + 1}/{repeats}: torch {rates['updates_per_s']:.1f} updates/s")
+        cpu_seconds.clear()
+        seconds = time_call(call, min_time=min_time)
+        runs["seconds_per_call"].append(seconds)
+        runs["updates_per_s"].append(updates_per_call / seconds)
+        runs["cpu_updates_per_s"].append(updates_per_call / min(cpu_seconds[1:]))
+        runs["matmul_flops_per_s"].append(matmul_flops_per_s())
+        _log(f"repeat {rep + 1}/{repeats}: jax {runs['updates_per_s'][-1]:.1f} seed-updates/s, "
+             f"matmul {runs['matmul_flops_per_s'][-1] / 1e9:.1f} GFLOP/s")
+    return runs

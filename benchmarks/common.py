@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import time
 from typing import Any, Callable
@@ -181,3 +182,12 @@ def hlo_matmul_flops(hlo_text: str) -> float | None:
         return memo[name]
 
     return None if entry is None else total(entry)
+
+
+def environment() -> dict[str, Any]:
+    """What a figure was measured on, recorded beside it: the device, JAX's version and the settings that
+    change its numbers (matmul precision, PRNG implementation, XLA_FLAGS)."""
+    return {"device": str(jax.devices()[0]), "jax_version": jax.__version__,
+            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "jax_default_prng_impl": jax.config.jax_default_prng_impl,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import (
-    backward_flops, block, dense_flops, hlo_matmul_flops, matmul_flops_per_s, time_call,
+    backward_flops, block, dense_flops, environment, hlo_matmul_flops, matmul_flops_per_s, time_call,
 )
 from mb2po_jax import dynamics as dyn
 
@@ -72,6 +72,6 @@ def run(
         "batch_size": batch_size,
         "num_updates_timed": num_updates,
         "compile_and_first_call_s": compile_and_first_s,
-        "device": str(jax.devices()[0]),
+        **environment(),
     }
 

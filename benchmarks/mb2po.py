@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.awac import update_flops
-from benchmarks.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
+from benchmarks.common import (bench_cpu_layout, bench_mesh, block, dense_flops, environment, matmul_flops_per_s,
                                time_call)
 from benchmarks.rollout import random_dynamics_state
 from mb2po_jax import awac, dynamics as dyn, mb2po, parallel, sharding
@@ -131,7 +131,7 @@ def run(
         "updates_per_iteration": updates_per_iteration,
         "num_seeds": num_seeds,
         "compile_and_first_call_s": compile_and_first_s,
-        "device": str(jax.devices()[0]),
+        **environment(),
         "devices": devices,
         "mesh": sharding.describe(mesh),
         "rollout_devices": 1 if rollout_mesh is None else rollout_mesh.size,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (bench_cpu_layout, bench_mesh, block, dense_flops, matmul_flops_per_s,
+from benchmarks.common import (bench_cpu_layout, bench_mesh, block, dense_flops, environment, matmul_flops_per_s,
                                require_torch, time_call)
 from mb2po_jax import dynamics as dyn
 from mb2po_jax import rollout as ro
@@ -139,7 +139,7 @@ def run(
         "horizon": horizon,
         "penalty": penalty,
         "compile_and_first_call_s": compile_and_first_s,
-        "device": str(jax.devices()[0]),
+        **environment(),
         "devices": devices,
         **extra,
     }

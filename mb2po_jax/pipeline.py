@@ -756,21 +756,9 @@ class Run:
                                   models=models, model_config=self.config.mb2po)
         return sharding.shard_seeds(state, self.mesh)
 
-    def run_online(self, writer: MetricsWriter, agents: awac.AWACState, source: str,
-                   models: dyn.DynamicsState | None = None):
-        """AWAC continued in the real environment (`online.py`): each call steps every seed's
-        `online_envs` environments `online_steps_per_call` environment steps on the host, with one batched
-        policy call and one compiled update call (store + `utd` updates per environment step) per vector
-        step. The checkpoint holds the device state (agent, online ring, counters) and, in its meta, the
-        environments' state (MuJoCo's integration state: episodes continue exactly after a resume) and the
-        stage's evaluation curve (for the collapse figures of results.json)."""
+    def _log_online_plan(self, source: str) -> None:
         cfg, ocfg = self.config, self.config.online
-        if jax.process_count() > 1:
-            raise ConfigError("--stages=online runs in a single process (its environments are stepped on one "
-                              "host); run it without --num_processes/--distributed")
-        obs_dim, act_dim = self.dataset.obs_dim, self.dataset.act_dim
-        data = self._device_dataset()
-        row_bytes = 4 * (2 * obs_dim + act_dim + 2)
+        row_bytes = 4 * (2 * self.dataset.obs_dim + self.dataset.act_dim + 2)
         self.log(f"[online] from the {source} agent: {ocfg.steps} environment steps per seed in {ocfg.envs} "
                  f"env(s) each, {ocfg.utd} update(s) per step, online ratio {ocfg.ratio}"
                  + (f" (annealed from {ocfg.ratio_start} over {ocfg.ratio_anneal_steps} steps)"
@@ -778,33 +766,77 @@ class Run:
                  + (f", {ocfg.warmup_steps} warm-up steps before any update" if ocfg.warmup_steps else "")
                  + f"; online ring {cfg.num_seeds} x {ocfg.buffer_size:,} rows "
                  f"({cfg.num_seeds * ocfg.buffer_size * row_bytes / 2**30:.2f} GiB)")
-        act_fn = online.make_act_fn()
-        learn_fn = online.make_update_fn(ocfg, learn=True)
-        store_fn = online.make_update_fn(ocfg, learn=False) if ocfg.warmup_steps else None
         if ocfg.model:
             mcfg = cfg.mb2po
-            imagine_fn = online.make_imagine_fn(mcfg, termination_fn_for(self.env_id))
-            offline = self._dynamics_transitions()
             self.log(f"[online] model arm: {mcfg.imagined_steps} imagined steps (h={mcfg.horizon}, "
                      f"lambda={mcfg.penalty_coef}) per {ocfg.steps_per_call} environment steps into a ring of "
                      f"{mcfg.num_slots}; {ocfg.model_ratio} of each batch from it; ensemble refits on offline + "
                      f"online data every {ocfg.model_refit_every} steps ({ocfg.model_refit_epochs} epochs)")
 
-        def refit(state):
-            host = sharding.to_host({"buffer": state.buffer, "act_key": state.act_key})
-            n = int(host["buffer"].size[0])
-            rows = Transitions(observations=host["buffer"].observations[:, :n],
-                               actions=host["buffer"].actions[:, :n], rewards=host["buffer"].rewards[:, :n],
-                               next_observations=host["buffer"].next_observations[:, :n],
-                               terminals=host["buffer"].terminals[:, :n])
-            keys = np.stack([np.asarray(jax.random.fold_in(k, 0x2EF17 + counter[0])) for k in host["act_key"]])
-            models, metrics = online.refit_models(sharding.to_host(state.models), offline, rows, keys,
-                                                  ocfg.model_refit_epochs)
-            self.log(f"[online] env_step {counter[0]}: ensembles refit on {len(offline)} offline + {n} online "
-                     f"transitions, holdout MSE per seed "
-                     f"[{', '.join(f'{x:.4g}' for x in np.min(np.asarray(metrics['holdout_mse']), axis=-1))}]")
-            return state.replace(models=sharding.shard_seeds(models, self.mesh))
+    def _refit_online_models(self, state: online.OnlineState, offline: Transitions,
+                             env_step: int) -> online.OnlineState:
+        """The model arm's refit: every seed's ensemble trained on the offline data plus its online rows."""
+        host = sharding.to_host({"buffer": state.buffer, "act_key": state.act_key})
+        n = int(host["buffer"].size[0])
+        rows = Transitions(observations=host["buffer"].observations[:, :n],
+                           actions=host["buffer"].actions[:, :n], rewards=host["buffer"].rewards[:, :n],
+                           next_observations=host["buffer"].next_observations[:, :n],
+                           terminals=host["buffer"].terminals[:, :n])
+        keys = np.stack([np.asarray(jax.random.fold_in(k, 0x2EF17 + env_step)) for k in host["act_key"]])
+        models, metrics = online.refit_models(sharding.to_host(state.models), offline, rows, keys,
+                                              self.config.online.model_refit_epochs)
+        self.log(f"[online] env_step {env_step}: ensembles refit on {len(offline)} offline + {n} online "
+                 f"transitions, holdout MSE per seed "
+                 f"[{', '.join(f'{x:.4g}' for x in np.min(np.asarray(metrics['holdout_mse']), axis=-1))}]")
+        return state.replace(models=sharding.shard_seeds(models, self.mesh))
 
+    def _online_steps(self, state: online.OnlineState, envs: online.EnvBatch, data: Transitions,
+                      env_step: int, fns: dict[str, Callable]) -> tuple[online.OnlineState, dict[str, Any]]:
+        """One call's `online_steps_per_call` environment steps from `env_step`: per vector step one batched
+        policy call, the environments stepped on the host, and one compiled store (+ `utd` updates once past
+        the warm-up) call. Returns the state and the call's metrics (means over its learning steps, counters
+        and episode figures per seed)."""
+        ocfg = self.config.online
+        learned = []
+        t0 = time.perf_counter()
+        for _ in range(ocfg.vector_steps_per_call):
+            actions = np.asarray(fns["act"](state, jnp.asarray(envs.obs)))
+            rows = envs.step(self.spaces.from_unit_actions(actions))
+            rows = rows.replace(actions=actions.astype(np.float32))  # stored in the policy's scale
+            learn = env_step >= ocfg.warmup_steps
+            state, metrics = fns["learn" if learn else "store"](state, rows, data)
+            env_step += ocfg.envs
+            if learn:
+                learned.append(metrics)
+        out = sharding.to_host(jax.tree.map(lambda *xs: jnp.stack(xs).mean(0), *learned) if learned else {})
+        out = {k: v for k, v in out.items() if k != "online_rows"}
+        out.update(sharding.to_host({"env_steps": state.env_steps, "updates": state.updates,
+                                     "buffer_size": state.buffer.size}))
+        out["episode_return"] = envs.last_return.copy()
+        out["episodes"] = envs.episodes_done.copy()
+        out["terminated_episodes"] = envs.terminated_episodes.copy()
+        out["env_steps_per_s"] = np.full(self.config.num_seeds,
+                                         ocfg.steps_per_call / (time.perf_counter() - t0))
+        return state, out
+
+    def run_online(self, writer: MetricsWriter, agents: awac.AWACState, source: str,
+                   models: dyn.DynamicsState | None = None):
+        """AWAC continued in the real environment (`online.py`): each call steps every seed's
+        `online_envs` environments `online_steps_per_call` environment steps on the host (`_online_steps`).
+        The checkpoint holds the device state (agent, online ring, counters) and, in its meta, the
+        environments' state (MuJoCo's integration state: episodes continue exactly after a resume) and the
+        stage's evaluation curve (for the collapse figures of results.json)."""
+        cfg, ocfg = self.config, self.config.online
+        if jax.process_count() > 1:
+            raise ConfigError("--stages=online runs in a single process (its environments are stepped on one "
+                              "host); run it without --num_processes/--distributed")
+        data = self._device_dataset()
+        self._log_online_plan(source)
+        fns = {"act": online.make_act_fn(), "learn": online.make_update_fn(ocfg, learn=True),
+               "store": online.make_update_fn(ocfg, learn=False) if ocfg.warmup_steps else None}
+        if ocfg.model:
+            imagine_fn = online.make_imagine_fn(cfg.mb2po, termination_fn_for(self.env_id))
+            offline = self._dynamics_transitions()
         envs = online.EnvBatch(
             lambda: make_env(self.env_id, max_episode_steps=cfg.max_episode_steps, disable_env_checker=True),
             cfg.num_seeds, ocfg.envs, cfg.seed + 20_000)
@@ -840,34 +872,14 @@ class Run:
                 self.log(f"[online] env_step 0: return {np.mean(scores['return']):.1f}, "
                          f"normalized {np.mean(scores['normalized_score']):.1f}")
                 curve[:] = [(0, list(scores["normalized_score"]))]
-            mine, model_metrics = [], {}
-            t0 = time.perf_counter()
+            model_metrics = {}
             if ocfg.model:
                 if counter[0] > 0 and counter[0] % ocfg.model_refit_every == 0:
-                    state = refit(state)
+                    state = self._refit_online_models(state, offline, counter[0])
                 state, model_metrics = imagine_fn(state, data.observations)
-            for _ in range(ocfg.vector_steps_per_call):
-                env_step = counter[0]
-                actions = np.asarray(act_fn(state, jnp.asarray(envs.obs)))
-                rows = envs.step(self.spaces.from_unit_actions(actions))
-                rows = rows.replace(actions=actions.astype(np.float32))  # stored in the policy's scale
-                learn = env_step >= ocfg.warmup_steps
-                state, metrics = (learn_fn if learn else store_fn)(state, rows, data)
-                counter[0] = env_step + ocfg.envs
-                if learn:
-                    mine.append(metrics)
-            out = (jax.tree.map(lambda *xs: jnp.stack(xs).mean(0), *mine) if mine else {})
-            out = sharding.to_host(out)
-            host = sharding.to_host({"env_steps": state.env_steps, "updates": state.updates,
-                                     "buffer_size": state.buffer.size})
-            out = {k: v for k, v in out.items() if k != "online_rows"}
-            out.update(host)
-            out.update(sharding.to_host(model_metrics))
-            out["episode_return"] = envs.last_return.copy()
-            out["episodes"] = envs.episodes_done.copy()
-            out["terminated_episodes"] = envs.terminated_episodes.copy()
-            out["env_steps_per_s"] = np.full(cfg.num_seeds, ocfg.steps_per_call / (time.perf_counter() - t0))
-            return state, out
+            state, out = self._online_steps(state, envs, data, counter[0], fns)
+            counter[0] += ocfg.steps_per_call
+            return state, {**out, **sharding.to_host(model_metrics)}
 
         def record(state, metrics, seconds):
             shown = {"return": float(np.mean(metrics["episode_return"]))}
