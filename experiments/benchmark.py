@@ -567,6 +567,11 @@ def plot_curve(plt, name: str, run: dict, path: str) -> None:
     ax.set_xlim(left=0)
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.1 * (high - low))  # room for the stage labels
+    save_figure(plt, fig, ax, path)
+
+
+def save_figure(plt, fig, ax, path: str) -> None:
+    """The report figures' common finish: grid, legend outside the axes on the right, written and closed."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
@@ -635,10 +640,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run" and args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    return run_command(args)
+
+
+def run_command(args) -> int:
+    """`args.fn(args)`, with each expected failure as one `error:` line and exit status 1."""
     try:
         return args.fn(args)
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a copy or a write that failed (disk full, permissions)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except Exception as e:  # the library's own one-line errors (a bad name, a bad preset)
         from mb2po_jax.errors import Mb2poError

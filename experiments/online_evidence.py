@@ -804,11 +804,7 @@ def plot_dataset(plt, dataset: str, rows: dict[str, dict], path: str) -> None:
     ax.set_ylabel("D4RL-normalised score (mean, min-max over seeds)")
     ax.set_title(f"{dataset}: offline-to-online")
     ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    benchmark.save_figure(plt, fig, ax, path)
 
 
 def cmd_report(args) -> int:
@@ -877,21 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run" and (args.seeds < 1 or args.online_steps < 1):
         parser.error("--seeds and --online_steps must be at least 1")
-    try:
-        return args.fn(args)
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # a copy or a write that failed (disk full, permissions)
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except Exception as e:  # the library's own one-line errors (a bad name, a bad preset)
-        from mb2po_jax.errors import Mb2poError
-
-        if not isinstance(e, Mb2poError):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return benchmark.run_command(args)
 
 
 if __name__ == "__main__":
