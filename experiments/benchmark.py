@@ -335,7 +335,8 @@ def _run_dirs(root: str) -> list[str]:
 def sync_copies(source: str, runs: str) -> None:
     """Copy each run under `source` (mb2po-train workdirs, or an earlier copy) to `runs`/<dataset>/:
     results.json, config.json, benchmark.json and the evaluation lines. Copies of runs no longer in
-    `source` are removed when they hold nothing else."""
+    `source` are removed when they hold nothing else, except a finished run's (results.json with
+    final.mb2po): it is the record of a workdir that may since have been lost."""
     os.makedirs(runs, exist_ok=True)
     names = _run_dirs(source)
     for name in names:
@@ -352,7 +353,9 @@ def sync_copies(source: str, runs: str) -> None:
             f.writelines(lines)
     for stale in sorted(set(_run_dirs(runs)) - set(names)):
         path = os.path.join(runs, stale)
-        if set(os.listdir(path)) <= set(COPIED):
+        if ((_read_json(os.path.join(path, "results.json")) or {}).get("final") or {}).get("mb2po") is not None:
+            print(f"note: kept the finished run {path}; its workdir is not in {source}", file=sys.stderr)
+        elif set(os.listdir(path)) <= set(COPIED):
             shutil.rmtree(path)
         else:
             print(f"warning: {path} is not a run in {source} and holds other files; left alone", file=sys.stderr)

@@ -111,11 +111,15 @@ def test_report_table_curves_and_copies_that_regenerate_it(tmp_path):
     for f in (out / "runs").rglob("*"):
         if f.is_file():
             assert (moved / "runs" / f.relative_to(out / "runs")).read_bytes() == f.read_bytes()
-    # A run removed from the workdir root leaves the copies too.
+    # An unfinished run removed from the workdir root leaves the copies too; a finished run's copy stays
+    # (its workdir may have been lost with a machine), and so does its row.
     shutil.rmtree(runs / "hopper-expert-local")
-    assert _run("report", "--workdir", runs, "--out", moved, "--no_plots").returncode == 0
+    shutil.rmtree(runs / "halfcheetah-medium-local")
+    again = _run("report", "--workdir", runs, "--out", moved, "--no_plots")
+    assert again.returncode == 0 and "kept the finished run" in again.stderr, again.stderr
     assert not (moved / "runs" / "hopper-expert-local").exists() and "hopper-expert-local" not in (
         moved / "benchmark.md").read_text()
+    assert _row((moved / "benchmark.md").read_text(), "halfcheetah-medium-local") == _row(md, "halfcheetah-medium-local")
 
     if importlib.util.find_spec("matplotlib") is None:  # an optional dependency (the "plot" extra)
         assert done.returncode == 1 and done.stderr.startswith("error: plots need matplotlib")
