@@ -795,10 +795,9 @@ class Run:
         """One call's `online_steps_per_call` environment steps from `env_step`: per vector step one batched
         policy call, the environments stepped on the host, and one compiled store (+ `utd` updates once past
         the warm-up) call. Returns the state and the call's metrics (means over its learning steps, counters
-        and episode figures per seed)."""
+        and episode figures per seed; the caller adds the call's throughput)."""
         ocfg = self.config.online
         learned = []
-        t0 = time.perf_counter()
         for _ in range(ocfg.vector_steps_per_call):
             actions = np.asarray(fns["act"](state, jnp.asarray(envs.obs)))
             rows = envs.step(self.spaces.from_unit_actions(actions))
@@ -815,8 +814,6 @@ class Run:
         out["episode_return"] = envs.last_return.copy()
         out["episodes"] = envs.episodes_done.copy()
         out["terminated_episodes"] = envs.terminated_episodes.copy()
-        out["env_steps_per_s"] = np.full(self.config.num_seeds,
-                                         ocfg.steps_per_call / (time.perf_counter() - t0))
         return state, out
 
     def run_online(self, writer: MetricsWriter, agents: awac.AWACState, source: str,
@@ -873,12 +870,14 @@ class Run:
                          f"normalized {np.mean(scores['normalized_score']):.1f}")
                 curve[:] = [(0, list(scores["normalized_score"]))]
             model_metrics = {}
+            t0 = time.perf_counter()  # the call's throughput: the model arm's refit and rollout included
             if ocfg.model:
                 if counter[0] > 0 and counter[0] % ocfg.model_refit_every == 0:
                     state = self._refit_online_models(state, offline, counter[0])
                 state, model_metrics = imagine_fn(state, data.observations)
             state, out = self._online_steps(state, envs, data, counter[0], fns)
             counter[0] += ocfg.steps_per_call
+            out["env_steps_per_s"] = np.full(cfg.num_seeds, ocfg.steps_per_call / (time.perf_counter() - t0))
             return state, {**out, **sharding.to_host(model_metrics)}
 
         def record(state, metrics, seconds):
