@@ -72,12 +72,13 @@ class RunConfig:
 # fits 2 CPU cores and 24 GB: 50 MB2PO iterations of 50,000 imagined steps (not 1M) with a ring of the
 # last 20 iterations (1M model rows, 0.1 GB for hopper). `paper`: the paper's protocol (section 5: 500k
 # AWAC steps, 100k dynamics steps, 500 iterations x (1M imagined steps + 1000 AWAC updates), ring of the
-# last 100 iterations; 4 seeds as in Table 1).
+# last 100 iterations; 4 seeds as in Table 1). `smoke` and `cpu` cap lambda (--max_penalty_share=0.5,
+# `rollout.capped_penalty_coef`, DESIGN.md); `paper` keeps the task table's lambda as the paper does.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         awac_steps=2_000, steps_per_call=500, eval_every=1_000, eval_episodes=2, checkpoint_every=1_000,
         dynamics_steps=1_000, mb2po_iterations=4, imagined_steps=10_000, updates_per_iteration=250,
-        num_slots=4, mb2po_eval_every=2, mb2po_checkpoint_every=2,
+        num_slots=4, mb2po_eval_every=2, mb2po_checkpoint_every=2, max_penalty_share=0.5,
         online_steps=2_000, online_steps_per_call=500, online_eval_every=500, online_checkpoint_every=500,
         online_buffer_size=2_000, model_refit_every=1_000,
     ),
@@ -85,6 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         awac_steps=100_000, steps_per_call=1000, eval_every=10_000, eval_episodes=10,
         checkpoint_every=10_000, dynamics_steps=20_000, mb2po_iterations=50, imagined_steps=50_000,
         updates_per_iteration=1000, num_slots=20, mb2po_eval_every=10, mb2po_checkpoint_every=5,
+        max_penalty_share=0.5,
         online_steps=100_000, online_steps_per_call=1000, online_eval_every=5_000,
         online_checkpoint_every=10_000, online_buffer_size=100_000,
     ),
@@ -107,7 +109,8 @@ DYNAMICS_FLAGS = {
 MB2PO_FLAGS = {
     "mb2po_iterations": "iterations", "imagined_steps": "imagined_steps",
     "updates_per_iteration": "updates_per_iteration", "num_slots": "num_slots", "omega": "omega",
-    "horizon": "horizon", "penalty_coef": "penalty_coef", "penalty": "penalty",
+    "horizon": "horizon", "penalty_coef": "penalty_coef", "max_penalty_share": "max_penalty_share",
+    "penalty": "penalty",
     "rollout_members": "rollout_members",
     "buffer_dtype": "buffer_dtype", "rollout_chunk_size": "chunk_size",
 }

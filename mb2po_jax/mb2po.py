@@ -4,6 +4,7 @@ One iteration k for one seed (`iteration`), pure:
   1. `imagine`: sample `num_starts` start states s_1 from D_beta; roll the current policy out for h steps
      in the ensemble (a uniformly drawn member per trajectory and step, penalised reward r - lambda *
      u(s, a), trajectories stop at predicted termination)                           -> rollout.imagine
+     (lambda: the seed's `rollout.capped_penalty_coef`, computed once per run by the caller)
   2. `learn`: the iteration's valid transitions become D_k, slot k % n of the model ring
                                                                                      -> buffer.add_rollout
      then `updates_per_iteration` AWAC steps on batches of exactly round(omega * B) rows of D_beta and the
@@ -112,16 +113,18 @@ def imagine(
     agent: awac.AWACState,
     dyn_state: dyn.DynamicsState,
     observations: jax.Array,
+    penalty_coef: jax.Array | None = None,
     *,
     config: MB2POConfig,
     termination_fn: TerminationFn,
     policy_fn: ro.PolicyFn = policy_sample,
 ) -> tuple[Transitions, jax.Array, dict[str, jax.Array]]:
     """Step 1 of an iteration (pure): start states from D_beta's `observations`, the rollout of the
-    current policy. Reads the agent's key without advancing it (`learn` advances it)."""
+    current policy with lambda = `penalty_coef` (default `config.penalty_coef`). Reads the agent's key
+    without advancing it (`learn` advances it)."""
     _, k_collect = jax.random.split(agent.key)
     return ro.imagine(k_collect, agent, dyn_state, observations, config.num_starts, policy_fn=policy_fn,
-                      termination_fn=termination_fn, config=config.rollout_config())
+                      termination_fn=termination_fn, config=config.rollout_config(), penalty_coef=penalty_coef)
 
 
 def learn(
@@ -152,6 +155,7 @@ def iteration(
     state: MB2POState,
     dyn_state: dyn.DynamicsState,
     dataset: Transitions,
+    penalty_coef: jax.Array | None = None,
     *,
     config: MB2POConfig,
     termination_fn: TerminationFn,
@@ -159,7 +163,7 @@ def iteration(
     split_rows: SplitRows = _same_rows,
 ) -> tuple[MB2POState, dict[str, jax.Array]]:
     """One MB2PO iteration for one seed (pure): `imagine` then `learn`. dataset: D_beta on the device
-    (actions in the policy's scale)."""
-    imagined = imagine(state.agent, dyn_state, dataset.observations, config=config,
+    (actions in the policy's scale); penalty_coef: lambda (default `config.penalty_coef`)."""
+    imagined = imagine(state.agent, dyn_state, dataset.observations, penalty_coef, config=config,
                        termination_fn=termination_fn, policy_fn=policy_fn)
     return learn(state, imagined, dataset, config=config, split_rows=split_rows)

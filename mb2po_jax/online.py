@@ -272,11 +272,13 @@ def update(state: OnlineState, rows: Transitions, dataset: Transitions, *, confi
                          updates=state.updates + num_updates), metrics
 
 
-def imagine(state: OnlineState, dataset_observations: jax.Array, *, model_config, termination_fn):
+def imagine(state: OnlineState, dataset_observations: jax.Array, penalty_coef: jax.Array | None = None, *,
+            model_config, termination_fn):
     """The model arm's data for one host call of one seed (pure): `model_config.num_starts` start states
     drawn from the online ring's observations (from D_beta while it is empty), rolled out with the current
-    policy in the seed's ensemble (the conservative MDP of MB2PO: penalised rewards, predicted
-    terminations), written into the next slot of the model ring. Keyed by the environment step."""
+    policy in the seed's ensemble (the conservative MDP of MB2PO: rewards penalised with lambda =
+    `penalty_coef`, default the config's; predicted terminations), written into the next slot of the model
+    ring. Keyed by the environment step."""
     from mb2po_jax import buffer as buf, mb2po, rollout as ro
 
     key = jax.random.fold_in(jax.random.fold_in(state.act_key, state.env_steps), 0x1A)
@@ -287,16 +289,18 @@ def imagine(state: OnlineState, dataset_observations: jax.Array, *, model_config
     start = jnp.where(state.buffer.size > 0, state.buffer.observations[idx_online],
                       dataset_observations[idx_offline])
     batch, valid, metrics = ro.rollout(k_roll, state.agent, state.models, start, policy_fn=mb2po.policy_sample,
-                                       termination_fn=termination_fn, config=model_config.rollout_config())
+                                       termination_fn=termination_fn, config=model_config.rollout_config(),
+                                       penalty_coef=penalty_coef)
     ring = buf.add_rollout(state.ring, batch, valid)
     metrics = {f"rollout_{k}": v for k, v in metrics.items()}
     return state.replace(ring=ring), {**metrics, "model_rows": buf.num_valid(ring)}
 
 
 def make_imagine_fn(model_config, termination_fn):
-    """Compiled (state [S], dataset observations) -> (state [S], metrics [S]); the state is donated."""
-    fn = lambda state, obs: imagine(state, obs, model_config=model_config, termination_fn=termination_fn)
-    return jax.jit(jax.vmap(fn, in_axes=(0, None)), donate_argnums=0)
+    """Compiled (state [S], dataset observations, lambda [S] or None) -> (state [S], metrics [S]); the state
+    is donated."""
+    fn = lambda state, obs, lam: imagine(state, obs, lam, model_config=model_config, termination_fn=termination_fn)
+    return jax.jit(jax.vmap(fn, in_axes=(0, None, 0)), donate_argnums=0)
 
 
 def refit_models(models, offline: Transitions, online_rows_: Transitions, keys: np.ndarray, epochs: int):

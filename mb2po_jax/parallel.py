@@ -36,9 +36,10 @@ from mb2po_jax.termination import TerminationFn
 @functools.lru_cache(maxsize=8)  # one compilation per (config, rule, mesh) in a process (resumes, tests)
 def make_iteration_fn(config: mb2po.MB2POConfig, termination_fn: TerminationFn, mesh: Mesh | None = None,
                       rollout_mesh: Mesh | None = None):
-    """Compiled `(state [S], dyn_state [S], dataset) -> (state [S], metrics [S])`: one iteration for every
-    seed. The state is donated (the ring is updated in place); do not reuse the argument. With a batch
-    mesh, place the state with `state_shardings` (or build it with `init_sharded`).
+    """Compiled `(state [S], dyn_state [S], dataset, penalty_coef [S] = None) -> (state [S], metrics [S])`:
+    one iteration for every seed, each with its own lambda (None: `config.penalty_coef` for all). The
+    state is donated (the ring is updated in place); do not reuse the argument. With a batch mesh, place
+    the state with `state_shardings` (or build it with `init_sharded`).
 
     rollout_mesh (CPU host devices; `mesh` must be None): the iteration is two compiled calls, `imagine`
     with its trajectories split over this batch mesh, then `learn` on its first device, where the state,
@@ -48,19 +49,23 @@ def make_iteration_fn(config: mb2po.MB2POConfig, termination_fn: TerminationFn, 
             mb2po.iteration, config=config, termination_fn=termination_fn,
             policy_fn=sharding.split_policy_rows(mb2po.policy_sample, mesh),
             split_rows=lambda tree, axis=0: sharding.constrain_rows(tree, mesh, axis))
-        return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)), donate_argnums=0)
+        def step(state, dyn_state, dataset, penalty_coef=None):
+            return jax.vmap(one_seed, in_axes=(0, 0, None, 0))(state, dyn_state, dataset, penalty_coef)
+
+        return jax.jit(step, donate_argnums=0)
     if mesh is not None:
         raise ConfigError("mb2po: a rollout mesh runs everything but the rollout on one device; mesh must be None")
     imagine = functools.partial(mb2po.imagine, config=config, termination_fn=termination_fn,
                                 policy_fn=sharding.split_policy_rows(mb2po.policy_sample, rollout_mesh))
-    imagine_fn = jax.jit(jax.vmap(imagine, in_axes=(0, 0, None)))
+    imagine_fn = jax.jit(jax.vmap(imagine, in_axes=(0, 0, None, 0)))
     everywhere = NamedSharding(rollout_mesh, PartitionSpec())
     home = sharding.first_device_sharding(rollout_mesh)
     learn_fn = jax.jit(jax.vmap(functools.partial(mb2po.learn, config=config), in_axes=(0, 0, None)),
                        in_shardings=home, out_shardings=home, donate_argnums=0)  # one layout: no recompile
 
-    def fn(state, dyn_state, dataset):
-        on_mesh = jax.device_put((state.agent, dyn_state, dataset.observations), everywhere)  # device copies
+    def fn(state, dyn_state, dataset, penalty_coef=None):
+        on_mesh = jax.device_put((state.agent, dyn_state, dataset.observations, penalty_coef),
+                                 everywhere)  # device copies
         imagined = jax.device_put(imagine_fn(*on_mesh), home)
         return learn_fn(state, imagined, dataset)
 

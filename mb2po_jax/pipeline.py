@@ -52,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mb2po_jax import awac, config as config_lib, dynamics as dyn, mb2po, online, parallel, sharding
+from mb2po_jax import (awac, config as config_lib, dynamics as dyn, mb2po, online, parallel, rollout as ro,
+                       sharding)
 from mb2po_jax.termination import termination_fn_for
 from mb2po_jax.checkpoint import CheckpointDamagedError, Checkpointer
 from mb2po_jax.behavior.generation import ensure_default_dataset
@@ -685,6 +686,26 @@ class Run:
         return parallel.init_sharded(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
                                   self.mesh)
 
+    def penalty_coefs(self, stage: str, dyn_state: dyn.DynamicsState) -> tuple[np.ndarray, dict[str, list]]:
+        """Every seed's lambda for the rollouts (`rollout.capped_penalty_coef` of its finished ensemble on
+        D_beta), logged; returns (lambda [S], the figures behind it for results.json)."""
+        mcfg = self.config.mb2po
+        data = self._device_dataset()
+        models = sharding.shard_seeds(dyn_state.replace(opt_state=None, best_params=None), self.mesh)
+        mean_u = sharding.to_host(jax.jit(jax.vmap(lambda m: ro.dataset_uncertainty(
+            m, data.observations, data.actions, mcfg.rollout_config())))(models))
+        mean_abs_r = float(np.mean(np.abs(self.dataset.transitions.rewards)))
+        lam = np.asarray(ro.capped_penalty_coef(mcfg.penalty_coef, mcfg.max_penalty_share, mean_abs_r, mean_u))
+        share = mcfg.penalty_coef * mean_u / max(mean_abs_r, 1e-8)
+        fmt = lambda xs: "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
+        capped = bool(np.any(lam < mcfg.penalty_coef))
+        self.log(f"[{stage}] penalty on the data: mean u {fmt(mean_u)} per seed, mean |r| {mean_abs_r:.3g}, "
+                 f"so lambda={mcfg.penalty_coef} would take {fmt(share)} of the reward; "
+                 + (f"lambda capped to {fmt(lam)} (--max_penalty_share={mcfg.max_penalty_share}; 0 keeps the "
+                    f"task's lambda)" if capped else f"lambda={mcfg.penalty_coef} for every seed"))
+        return lam, {"penalty_coef": [float(x) for x in lam], "data_uncertainty": [float(x) for x in mean_u],
+                     "data_mean_abs_reward": mean_abs_r}
+
     def run_mb2po(self, writer: MetricsWriter, agents: awac.AWACState, dyn_state: dyn.DynamicsState):
         cfg, mcfg = self.config, self.config.mb2po
         ring_bytes, rollout_bytes = self.memory
@@ -695,11 +716,13 @@ class Run:
         data = self._device_dataset()
         models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
         models = sharding.shard_seeds(models, self.mesh)
+        lam, penalty_figures = self.penalty_coefs("mb2po", dyn_state)
+        lam = sharding.shard_seeds(jnp.asarray(lam), self.mesh)
         step_fn = parallel.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh,
                                              self.rollout_mesh)
 
         def call(state):
-            state, metrics = step_fn(state, models, data)
+            state, metrics = step_fn(state, models, data, lam)
             return state, sharding.to_host(metrics)
 
         def record(state, metrics, seconds):
@@ -715,7 +738,8 @@ class Run:
             advance=lambda state, it: (it + 1, it + 1 >= mcfg.iterations), params=lambda state: state.agent,
             hint="Lower --actor_lr/--critic_lr or raise --penalty_coef", agents=lambda state: state.agent,
             eval_every=cfg.mb2po_eval_every, checkpoint_every=cfg.mb2po_checkpoint_every,
-            progress_interval_s=0.0, progress_unit="it")
+            progress_interval_s=0.0, progress_unit="it",
+            evaluated=lambda step, scores, done: {**scores, **penalty_figures} if done else scores)
         return self._drive(loop, writer, self.init_mb2po(agents))
 
     def finished_mb2po(self) -> awac.AWACState:
@@ -769,7 +793,7 @@ class Run:
         if ocfg.model:
             mcfg = cfg.mb2po
             self.log(f"[online] model arm: {mcfg.imagined_steps} imagined steps (h={mcfg.horizon}, "
-                     f"lambda={mcfg.penalty_coef}) per {ocfg.steps_per_call} environment steps into a ring of "
+                     f"lambda={mcfg.penalty_coef}, capped as below) per {ocfg.steps_per_call} environment steps into a ring of "
                      f"{mcfg.num_slots}; {ocfg.model_ratio} of each batch from it; ensemble refits on offline + "
                      f"online data every {ocfg.model_refit_every} steps ({ocfg.model_refit_epochs} epochs)")
 
@@ -832,6 +856,8 @@ class Run:
         fns = {"act": online.make_act_fn(), "learn": online.make_update_fn(ocfg, learn=True),
                "store": online.make_update_fn(ocfg, learn=False) if ocfg.warmup_steps else None}
         if ocfg.model:
+            models = models if models is not None else self.finished_dynamics()
+            lam = sharding.shard_seeds(jnp.asarray(self.penalty_coefs("online", models)[0]), self.mesh)
             imagine_fn = online.make_imagine_fn(cfg.mb2po, termination_fn_for(self.env_id))
             offline = self._dynamics_transitions()
         envs = online.EnvBatch(
@@ -874,7 +900,7 @@ class Run:
             if ocfg.model:
                 if counter[0] > 0 and counter[0] % ocfg.model_refit_every == 0:
                     state = self._refit_online_models(state, offline, counter[0])
-                state, model_metrics = imagine_fn(state, data.observations)
+                state, model_metrics = imagine_fn(state, data.observations, lam)
             state, out = self._online_steps(state, envs, data, counter[0], fns)
             counter[0] += ocfg.steps_per_call
             out["env_steps_per_s"] = np.full(cfg.num_seeds, ocfg.steps_per_call / (time.perf_counter() - t0))

@@ -57,7 +57,10 @@ class RolloutConfig:
     lambda per task (MOPO's table, SPEC section 4)."""
 
     horizon: int = 5  # h
-    penalty_coef: float = 1.0  # lambda
+    penalty_coef: float = 1.0  # lambda (the task's; `capped_penalty_coef` may lower it per ensemble)
+    # rho of `capped_penalty_coef`: the most of the data's mean |r| that lambda * mean u may take on the
+    # data itself; 0 (the paper) turns the cap off. The `smoke` and `cpu` presets use 0.5.
+    max_penalty_share: float = 0.0
     penalty: str = "max_std"  # u(s, a), see the module docstring
     rollout_members: str = "all"  # whom a rollout draws from and penalises over: "all" (the paper), "elites" (MOPO)
     # Max trajectories per chunk (None: by backend, see `default_chunk_size`). Bounds activation memory
@@ -70,6 +73,9 @@ class RolloutConfig:
         if not (math.isfinite(self.penalty_coef) and self.penalty_coef >= 0):  # NaN fails too
             raise ConfigError(f"--penalty_coef must be a number >= 0 (a negative lambda would reward the "
                               f"models' uncertainty), got {self.penalty_coef}")
+        if not (math.isfinite(self.max_penalty_share) and self.max_penalty_share >= 0):
+            raise ConfigError(f"--max_penalty_share must be a number >= 0 (0 turns the cap off), "
+                              f"got {self.max_penalty_share}")
         if self.rollout_members not in MEMBER_SETS:
             raise ConfigError(f"--rollout_members must be one of {', '.join(MEMBER_SETS)}, "
                               f"got {self.rollout_members!r}")
@@ -114,9 +120,34 @@ def uncertainty(mean: jax.Array, var: jax.Array, obs_dim: int, penalty: str, fea
     return jnp.sqrt(jnp.max(jnp.sum(var, axis=feature_axis), axis=0))
 
 
-def penalised_reward(reward: jax.Array, u: jax.Array, penalty_coef: float) -> jax.Array:
+def penalised_reward(reward: jax.Array, u: jax.Array, penalty_coef: float | jax.Array) -> jax.Array:
     """The conservative MDP's reward r~(s, a) = r(s, a) - lambda * u(s, a) (paper eq. for the P-MDP)."""
     return reward - penalty_coef * u
+
+
+def dataset_uncertainty(dyn_state: dyn.DynamicsState, observations: jax.Array, actions: jax.Array,
+                        config: RolloutConfig, max_rows: int = 20_000) -> jax.Array:
+    """Mean u(s, a) of one ensemble over D_beta's own pairs (actions in the policy's scale), over the
+    members the rollout penalises with (`member_sets`). Deterministic: every k-th row, at most `max_rows`."""
+    stride = max(1, -(-observations.shape[0] // max_rows))
+    members, _ = member_sets(dyn_state, config)
+    x = dyn.normalize_inputs(dyn_state, observations[::stride], actions[::stride])
+    mean, var = dyn.ensemble_mean_var(dyn.take_members(dyn_state.params, members), x)  # [|F|, C, d]
+    return jnp.mean(uncertainty(mean, var, dyn_state.obs_dim, config.penalty))
+
+
+def capped_penalty_coef(penalty_coef: float, max_share: float, mean_abs_reward: float | jax.Array,
+                        mean_u: jax.Array) -> jax.Array:
+    """The lambda a rollout uses (a deviation from the paper, DESIGN.md): lambda_eff = min(lambda, rho *
+    mean|r_D| / mean u_D), so that on the dataset's own pairs the penalty takes at most the share rho
+    (`max_share`) of the mean reward. The task table's lambda was tuned for MOPO's ensembles on D4RL; an
+    ensemble that is much less certain on its data (walker2d medium-replay, RESULTS.md) would otherwise
+    penalise in-data behaviour more than it rewards it. max_share = 0: lambda as given. Works per seed
+    (mean_u [S] -> [S])."""
+    lam = jnp.full(jnp.shape(mean_u), penalty_coef, jnp.float32)
+    if max_share <= 0:
+        return lam
+    return jnp.minimum(lam, max_share * mean_abs_reward / jnp.maximum(mean_u, 1e-8))
 
 
 def model_step(obs: jax.Array, act: jax.Array, dyn_state: dyn.DynamicsState, params: dyn.Params,
@@ -157,6 +188,7 @@ def _rollout_chunk(
     draw_pos: jax.Array,
     start_obs: jax.Array,
     start_alive: jax.Array,
+    penalty_coef: jax.Array,
     *,
     policy_fn: PolicyFn,
     termination_fn: TerminationFn,
@@ -176,7 +208,7 @@ def _rollout_chunk(
         valid = alive & finite
         done = termination_fn(obs, act, next_obs) & valid
         alive_next = valid & ~done
-        out = (obs, act, penalised_reward(reward, u, config.penalty_coef), next_obs, done, valid, u, reward,
+        out = (obs, act, penalised_reward(reward, u, penalty_coef), next_obs, done, valid, u, reward,
                alive & ~finite)
         # Stopped trajectories keep their last valid state so the masked steps stay finite.
         obs = jnp.where(alive_next[:, None], next_obs, obs)
@@ -195,8 +227,10 @@ def rollout(
     policy_fn: PolicyFn,
     termination_fn: TerminationFn,
     config: RolloutConfig = RolloutConfig(),
+    penalty_coef: float | jax.Array | None = None,
 ) -> tuple[Transitions, jax.Array, dict[str, jax.Array]]:
-    """Pure, jittable (close over / mark static everything after `start_obs`).
+    """Pure, jittable (close over / mark static everything after `start_obs` but `penalty_coef`, the
+    lambda to use, default `config.penalty_coef`; a traced scalar is fine, e.g. `capped_penalty_coef`'s).
 
     start_obs: [B, o]. Returns (transitions with horizon * B rows, row t * B + b = step t of start b;
     rewards penalised, terminals the predicted termination as 0/1 floats; valid [horizon * B] bool, False
@@ -215,10 +249,11 @@ def rollout(
     # Padding trajectories start stopped: they produce only invalid rows.
     alive = jnp.arange(num_chunks * c) < b
     start_obs = jnp.concatenate([start_obs, jnp.broadcast_to(start_obs[:1], (pad, start_obs.shape[1]))])
+    lam = config.penalty_coef if penalty_coef is None else penalty_coef
     members, draw_pos = member_sets(dyn_state, config)
     params = dyn.take_members(dyn_state.params, members)  # [|F|, ...], gathered once for all chunks
     chunk_fn = lambda args: _rollout_chunk(
-        args[0], policy_params, dyn_state, params, draw_pos, args[1], args[2],
+        args[0], policy_params, dyn_state, params, draw_pos, args[1], args[2], lam,
         policy_fn=policy_fn, termination_fn=termination_fn, config=config,
     )
     outs = jax.lax.map(
@@ -242,7 +277,7 @@ def rollout(
     vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / denom
     metrics = {
         "mean_raw_reward": vmean(raw_rew),
-        "mean_penalty": vmean(config.penalty_coef * u),
+        "mean_penalty": vmean(lam * u),
         "mean_uncertainty": vmean(u),
         "fraction_terminated": jnp.sum(done) / b,
         "num_valid": num_valid,
@@ -253,13 +288,14 @@ def rollout(
 
 def imagine(key: jax.Array, policy_params: Any, dyn_state: dyn.DynamicsState, dataset_observations: jax.Array,
             num_starts: int, *, policy_fn: PolicyFn, termination_fn: TerminationFn,
-            config: RolloutConfig = RolloutConfig()) -> tuple[Transitions, jax.Array, dict[str, jax.Array]]:
+            config: RolloutConfig = RolloutConfig(),
+            penalty_coef: float | jax.Array | None = None) -> tuple[Transitions, jax.Array, dict[str, jax.Array]]:
     """Algorithm 1's data collection for one iteration (pure): `num_starts` start states drawn uniformly
     from D_beta's observations [N, o], rolled out in the model (`rollout`'s outputs)."""
     k_start, k_roll = jax.random.split(key)
     start = sample_start_states(k_start, dataset_observations, num_starts)
     return rollout(k_roll, policy_params, dyn_state, start, policy_fn=policy_fn, termination_fn=termination_fn,
-                   config=config)
+                   config=config, penalty_coef=penalty_coef)
 
 
 def make_rollout_fn(

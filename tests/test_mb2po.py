@@ -196,3 +196,29 @@ def test_cli_rollout_on_two_cpu_host_devices_equals_one_device_and_resumes(tmp_p
         assert a["buffer_rows"] == b["buffer_rows"] and a["rollout_num_valid"] == b["rollout_num_valid"]
         for k in a.keys() - {"stage"}:
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=f"step {a['step']} {k}")
+
+
+def test_pipeline_caps_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_path):
+    """With a lambda far too large for the ensemble (1000), the smoke preset's --max_penalty_share=0.5
+    lowers it per seed to 0.5 * mean|r| / mean u on the data; the rollouts use that lambda (mean penalty =
+    lambda_eff * mean u in every iteration's record) and results.json records it. With the cap off the
+    task's lambda is used."""
+    data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
+    _, results = _run(tmp_path / "capped", data, penalty_coef=1000.0, mb2po_iterations=2, mb2po_eval_every=2)
+    final = results["final"]["mb2po"]
+    lam, u, r = np.array(final["penalty_coef"]), np.array(final["data_uncertainty"]), final["data_mean_abs_reward"]
+    assert lam.shape == (2,) and np.all(lam < 1000.0) and u[0] != u[1]  # each seed its own ensemble
+    np.testing.assert_allclose(lam * u / r, 0.5, rtol=1e-5)
+
+    def penalties(workdir):
+        lines = [json.loads(l) for l in (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()]
+        rows = [l for l in lines if l["stage"] == "mb2po" and "rollout_mean_penalty" in l]
+        return [(np.array(l["rollout_mean_penalty"]), np.array(l["rollout_mean_uncertainty"])) for l in rows]
+
+    for penalty, uncertainty in penalties("capped"):
+        np.testing.assert_allclose(penalty, lam * uncertainty, rtol=1e-4)
+    _, uncapped = _run(tmp_path / "uncapped", data, penalty_coef=1000.0, mb2po_iterations=1, mb2po_eval_every=1,
+                       max_penalty_share=0.0)
+    assert uncapped["final"]["mb2po"]["penalty_coef"] == [1000.0, 1000.0]
+    for penalty, uncertainty in penalties("uncapped"):
+        np.testing.assert_allclose(penalty, 1000.0 * uncertainty, rtol=1e-4)

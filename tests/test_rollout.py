@@ -206,3 +206,43 @@ def test_chunk_equals_the_plain_model_step_with_the_same_draws(members):
     # Every drawn member was one the rollout may draw from.
     assert set(np.unique(np.asarray(evaluated)[np.asarray(drawn)])) <= set(
         np.asarray(state.elites if members == "elites" else evaluated).tolist())
+
+
+def test_dataset_uncertainty_grows_with_disagreement_and_uses_the_penalised_members():
+    """`dataset_uncertainty` is the rollout's u(s, a) averaged over the data's pairs: on a hand-built
+    ensemble (the same output for every input) it equals the rollout's own mean u, and it grows with the
+    members' predicted variance."""
+    obs, act = jnp.asarray(np.random.default_rng(0).normal(size=(50, OBS)), jnp.float32), jnp.zeros((50, ACT))
+    for members in ("elites", "all"):
+        cfg = ro.RolloutConfig(horizon=1, rollout_members=members, chunk_size=64)
+        state = hand_state(MEANS, RAW, ELITES)
+        _, _, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(jax.random.PRNGKey(0), None, state,
+                                                                             obs)
+        u = ro.dataset_uncertainty(state, obs, act, cfg, max_rows=7)  # a strided subset: same u everywhere
+        np.testing.assert_allclose(float(u), float(metrics["mean_uncertainty"]), rtol=1e-6)
+        narrower = ro.dataset_uncertainty(hand_state(MEANS, RAW - 3.0, ELITES), obs, act, cfg)
+        assert float(u) > float(narrower) * 1.4
+
+
+def test_capped_penalty_coef_binds_only_above_the_share():
+    """lambda_eff = min(lambda, rho * mean|r| / mean u): the task's lambda while lambda * u takes at most
+    rho of the mean reward on the data, else exactly rho of it; rho = 0 keeps lambda; per seed."""
+    lam = np.asarray(ro.capped_penalty_coef(1.0, 0.5, 2.0, jnp.asarray([0.5, 1.0, 4.0, 40.0])))
+    np.testing.assert_allclose(lam, [1.0, 1.0, 0.25, 0.025], rtol=1e-6)
+    np.testing.assert_allclose(lam[2:] * np.array([4.0, 40.0]) / 2.0, 0.5, rtol=1e-6)  # share == rho
+    np.testing.assert_allclose(np.asarray(ro.capped_penalty_coef(1.0, 0.0, 2.0, jnp.asarray([40.0]))), [1.0])
+
+
+def test_rollout_uses_the_given_lambda_over_the_configs():
+    """A traced lambda replaces config.penalty_coef: same draws, rewards differ by (5 - 0.5) * u."""
+    state = hand_state(MEANS, RAW, ELITES)
+    cfg = ro.RolloutConfig(horizon=2, penalty_coef=5.0, chunk_size=64)
+    key, start = jax.random.PRNGKey(3), jnp.zeros((16, OBS))
+    plain = ro.rollout(key, None, state, start, policy_fn=zero_policy, termination_fn=never_terminate, config=cfg)
+    given = jax.jit(lambda lam: ro.rollout(key, None, state, start, policy_fn=zero_policy,
+                                           termination_fn=never_terminate, config=cfg, penalty_coef=lam))(0.5)
+    u = float(plain[2]["mean_uncertainty"])
+    gap = np.asarray(given[0].rewards) - np.asarray(plain[0].rewards)
+    np.testing.assert_allclose(gap.mean() / 4.5, u, rtol=1e-5)
+    np.testing.assert_allclose(float(given[2]["mean_penalty"]), 0.5 * u, rtol=1e-5)
+    np.testing.assert_allclose(float(plain[2]["mean_penalty"]), 5.0 * u, rtol=1e-5)
