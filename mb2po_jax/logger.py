@@ -48,7 +48,7 @@ from typing import IO, Any, Iterable
 
 import numpy as np
 
-from mb2po_jax.errors import WorkdirError
+from mb2po_jax.errors import ConfigError, WorkdirError
 
 _RESERVED = ("stage", "step", "time")
 _MAX_SEEDS_PER_TAG = 8  # above this, only the mean over seeds goes to TensorBoard
@@ -202,7 +202,11 @@ class MetricsWriter:
         if writer is None:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage) or stage in (".", ".."):
                 raise ValueError(f"stage name {stage!r} cannot name a TensorBoard run directory")
-            from tensorboardX import SummaryWriter  # numpy + protobuf; imported only when writing events
+            try:
+                from tensorboardX import SummaryWriter  # numpy + protobuf; imported only when writing events
+            except ImportError as e:  # an install older than the dependency (an editable checkout moved on)
+                raise ConfigError(f"tensorboardX, a dependency of mb2po_jax, is not installed ({e}): reinstall "
+                                  f"mb2po_jax (`pip install -e .` in its checkout)") from e
 
             _quiet_tensorboardx_nan_warning()
             # tensorboardX names files events.out.tfevents.<unix seconds>.<host><suffix> and opens them

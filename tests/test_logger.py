@@ -314,3 +314,13 @@ def test_progress_names_the_callers_unit():
         "[mb2po] 5/100 (5.0%)  4 it/s  ETA 24s",
         "[mb2po] 5/100 (5.0%)  done in 28s  5.6 s/it",
     ]
+
+
+def test_missing_tensorboardx_is_one_clear_error(tmp_path, monkeypatch):
+    """An install older than the tensorboardX dependency (an editable checkout moved on) gets a ConfigError
+    saying what to do, which mb2po-train prints as one error line, not an ImportError traceback."""
+    from mb2po_jax.errors import ConfigError
+
+    monkeypatch.setitem(__import__("sys").modules, "tensorboardX", None)  # `import tensorboardX` fails
+    with MetricsWriter(tmp_path) as w, pytest.raises(ConfigError, match=r"tensorboardX.*pip install -e"):
+        w.write("awac", 1, {"loss": 1.0})
