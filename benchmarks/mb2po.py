@@ -91,11 +91,12 @@ def run(
     state = parallel.init_sharded(agents, mcfg, obs_dim, act_dim, mesh)
     models, data = sharding.shard_seeds(models, mesh), sharding.replicate(data, mesh)
     step = parallel.make_iteration_fn(mcfg, hopper_termination, mesh, rollout_mesh)
+    lam = sharding.shard_seeds(parallel.penalty_coefs(mcfg, num_seeds), mesh)
 
     holder = [state]
 
     def call():
-        holder[0], metrics = step(holder[0], models, data)  # the state is donated: carry it forward
+        holder[0], metrics = step(holder[0], models, data, lam)  # the state is donated: carry it forward
         return metrics
 
     t0 = time.perf_counter()

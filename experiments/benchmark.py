@@ -146,7 +146,7 @@ def finished(dataset: str, args) -> bool:
     expected = config_lib.make_config(args.budget, overrides, config_lib.task_defaults(dataset))
     expected = json.loads(json.dumps(config_lib.to_dict(expected)))
     return (results.get("dataset") == dataset and results.get("preset") == args.budget
-            and _agrees(results.get("config"), expected))
+            and _agrees(config_lib.with_added_fields(results.get("config")), expected))
 
 
 def git_commit() -> str | None:
@@ -477,9 +477,10 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
         "- Data: datasets made with `mb2po-data generate` (D4RL's recipe, Gymnasium v5 MuJoCo, the SAC "
         "behaviour policies shipped in the package), not the D4RL v0 files of the paper's Table 1: the paper "
         "column is a reference for the direction and size of the change, not a number to match.",
-        "- h, lambda: MOPO's per-task table; where a run capped lambda (`--max_penalty_share`, 0.5 in the "
-        "`cpu` preset: at most half the data's mean |r| taken by the penalty on the data), each seed's lambda "
-        "is shown as `capped: ...`.",
+        *(["- h, lambda: MOPO's per-task table; `--max_penalty_share` (0.5 in the `cpu` preset) caps each seed's "
+           "lambda so the penalty takes at most that share of the data's mean |r| on the data: where it bound, "
+           "each seed's lambda is shown as `capped: ...`; runs made before the cap existed are marked so."]
+          if any("max_penalty_share" in runs[n]["settings"].get("mb2po", {}) for n in names) else []),
         "- Scores: D4RL-normalised return of each stage's final policy, mean ± std over seeds (ddof=1), then "
         "each seed; MB2PO - AWAC is per seed (MB2PO fine-tunes that seed's AWAC policy).",
         f"- Made by `python experiments/benchmark.py run --budget {budget if len(set(presets)) == 1 else 'BUDGET'}"
@@ -496,8 +497,10 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
         mcfg = run["settings"].get("mb2po", {})
         hl = f"{mcfg['horizon']}, {mcfg['penalty_coef']}" if "horizon" in mcfg else ""
         used = run["results"]["final"].get("mb2po", {}).get("penalty_coef") if run["done"] else None
-        if used and any(x < mcfg["penalty_coef"] for x in used):  # capped per seed (--max_penalty_share)
-            hl += f" (capped: {', '.join(f'{x:.2g}' for x in used)})"
+        if hl and "max_penalty_share" not in mcfg:
+            hl += " (before the cap)"
+        elif used and mcfg["max_penalty_share"] and any(x < mcfg["penalty_coef"] * (1 - 1e-6) for x in used):
+            hl += f" (capped: {', '.join(f'{x:.2g}' for x in used)})"  # lambda read back as float32
         awac, mb2po = _stage_scores(run, "awac"), _stage_scores(run, "mb2po")
         status = _status(run)
         if run["done"] and awac and mb2po:

@@ -186,12 +186,15 @@ def expected_config(dataset: str, arm: Arm, args) -> dict:
 def arm_finished(dataset: str, arm: Arm, args) -> bool:
     """True when the arm's results.json has final.online for the configuration this run asks for (and, for
     awac_online, no MB2PO stage: its online stage continued the AWAC agent)."""
+    from mb2po_jax import config as config_lib
+
     results = _read_json(os.path.join(arm_dir(args, dataset, arm.name), "results.json"))
     final = (results or {}).get("final", {})
     if "online" not in final or (arm.source == "awac" and "mb2po" in final):
         return False
+    recorded = config_lib.with_added_fields(results.get("config"))
     return (results.get("dataset") == dataset and results.get("preset") == args.budget
-            and _agrees(results.get("config"), expected_config(dataset, arm, args)))
+            and _agrees(recorded, expected_config(dataset, arm, args)))
 
 
 def sac_finished(dataset: str, seed: int, args) -> bool:

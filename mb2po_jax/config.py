@@ -26,6 +26,20 @@ STAGES = ("awac", "dynamics", "mb2po", "online")
 SECTIONS = ("awac", "dynamics", "mb2po", "online")  # RunConfig's nested config sections
 # MB2PO settings that may change between reruns of one workdir (extending a run), like the step counts.
 MB2PO_SCHEDULE = ("iterations",)
+# Settings added after workdirs already existed, with the value that reproduces how those ran: a recorded
+# configuration without one (config.json, a benchmark's results.json) is read as having this value.
+ADDED_FIELDS = {("mb2po", "max_penalty_share"): 0.0}
+
+
+def with_added_fields(recorded: Any) -> Any:
+    """A recorded configuration or identity (dict of sections) with `ADDED_FIELDS` it lacks filled in."""
+    if not isinstance(recorded, dict):
+        return recorded
+    out = dict(recorded)
+    for (section, field), value in ADDED_FIELDS.items():
+        if isinstance(out.get(section), dict) and field not in out[section]:
+            out[section] = {**out[section], field: value}
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

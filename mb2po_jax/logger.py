@@ -182,6 +182,12 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+        if tensorboard:  # before any work: an install older than the dependency (an editable checkout moved on)
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(f"tensorboardX, a dependency of mb2po_jax, is not installed ({e}): reinstall "
+                                  f"mb2po_jax (`pip install -e .` in its checkout)") from None
         self.workdir = os.fspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.jsonl_path = os.path.join(self.workdir, "metrics.jsonl")
@@ -202,11 +208,7 @@ class MetricsWriter:
         if writer is None:
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage) or stage in (".", ".."):
                 raise ValueError(f"stage name {stage!r} cannot name a TensorBoard run directory")
-            try:
-                from tensorboardX import SummaryWriter  # numpy + protobuf; imported only when writing events
-            except ImportError as e:  # an install older than the dependency (an editable checkout moved on)
-                raise ConfigError(f"tensorboardX, a dependency of mb2po_jax, is not installed ({e}): reinstall "
-                                  f"mb2po_jax (`pip install -e .` in its checkout)") from e
+            from tensorboardX import SummaryWriter  # numpy + protobuf (checked in __init__)
 
             _quiet_tensorboardx_nan_warning()
             # tensorboardX names files events.out.tfevents.<unix seconds>.<host><suffix> and opens them

@@ -113,15 +113,15 @@ def imagine(
     agent: awac.AWACState,
     dyn_state: dyn.DynamicsState,
     observations: jax.Array,
-    penalty_coef: jax.Array | None = None,
+    penalty_coef: jax.Array,
     *,
     config: MB2POConfig,
     termination_fn: TerminationFn,
     policy_fn: ro.PolicyFn = policy_sample,
 ) -> tuple[Transitions, jax.Array, dict[str, jax.Array]]:
     """Step 1 of an iteration (pure): start states from D_beta's `observations`, the rollout of the
-    current policy with lambda = `penalty_coef` (default `config.penalty_coef`). Reads the agent's key
-    without advancing it (`learn` advances it)."""
+    current policy with lambda = `penalty_coef` (a scalar: `config.penalty_coef`, or the seed's
+    `rollout.capped_penalty_coef`). Reads the agent's key without advancing it (`learn` advances it)."""
     _, k_collect = jax.random.split(agent.key)
     return ro.imagine(k_collect, agent, dyn_state, observations, config.num_starts, policy_fn=policy_fn,
                       termination_fn=termination_fn, config=config.rollout_config(), penalty_coef=penalty_coef)
@@ -155,7 +155,7 @@ def iteration(
     state: MB2POState,
     dyn_state: dyn.DynamicsState,
     dataset: Transitions,
-    penalty_coef: jax.Array | None = None,
+    penalty_coef: jax.Array,
     *,
     config: MB2POConfig,
     termination_fn: TerminationFn,
@@ -163,7 +163,7 @@ def iteration(
     split_rows: SplitRows = _same_rows,
 ) -> tuple[MB2POState, dict[str, jax.Array]]:
     """One MB2PO iteration for one seed (pure): `imagine` then `learn`. dataset: D_beta on the device
-    (actions in the policy's scale); penalty_coef: lambda (default `config.penalty_coef`)."""
+    (actions in the policy's scale); penalty_coef: the seed's lambda (scalar)."""
     imagined = imagine(state.agent, dyn_state, dataset.observations, penalty_coef, config=config,
                        termination_fn=termination_fn, policy_fn=policy_fn)
     return learn(state, imagined, dataset, config=config, split_rows=split_rows)

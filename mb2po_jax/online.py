@@ -272,12 +272,12 @@ def update(state: OnlineState, rows: Transitions, dataset: Transitions, *, confi
                          updates=state.updates + num_updates), metrics
 
 
-def imagine(state: OnlineState, dataset_observations: jax.Array, penalty_coef: jax.Array | None = None, *,
-            model_config, termination_fn):
+def imagine(state: OnlineState, dataset_observations: jax.Array, penalty_coef: jax.Array, *, model_config,
+            termination_fn):
     """The model arm's data for one host call of one seed (pure): `model_config.num_starts` start states
     drawn from the online ring's observations (from D_beta while it is empty), rolled out with the current
     policy in the seed's ensemble (the conservative MDP of MB2PO: rewards penalised with lambda =
-    `penalty_coef`, default the config's; predicted terminations), written into the next slot of the model
+    `penalty_coef`, the seed's scalar; predicted terminations), written into the next slot of the model
     ring. Keyed by the environment step."""
     from mb2po_jax import buffer as buf, mb2po, rollout as ro
 
@@ -297,8 +297,8 @@ def imagine(state: OnlineState, dataset_observations: jax.Array, penalty_coef: j
 
 
 def make_imagine_fn(model_config, termination_fn):
-    """Compiled (state [S], dataset observations, lambda [S] or None) -> (state [S], metrics [S]); the state
-    is donated."""
+    """Compiled (state [S], dataset observations, lambda [S]) -> (state [S], metrics [S]); the state is
+    donated."""
     fn = lambda state, obs, lam: imagine(state, obs, lam, model_config=model_config, termination_fn=termination_fn)
     return jax.jit(jax.vmap(fn, in_axes=(0, None, 0)), donate_argnums=0)
 

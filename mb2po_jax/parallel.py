@@ -36,8 +36,8 @@ from mb2po_jax.termination import TerminationFn
 @functools.lru_cache(maxsize=8)  # one compilation per (config, rule, mesh) in a process (resumes, tests)
 def make_iteration_fn(config: mb2po.MB2POConfig, termination_fn: TerminationFn, mesh: Mesh | None = None,
                       rollout_mesh: Mesh | None = None):
-    """Compiled `(state [S], dyn_state [S], dataset, penalty_coef [S] = None) -> (state [S], metrics [S])`:
-    one iteration for every seed, each with its own lambda (None: `config.penalty_coef` for all). The
+    """Compiled `(state [S], dyn_state [S], dataset, penalty_coef [S]) -> (state [S], metrics [S])`: one
+    iteration for every seed, each with its own lambda (`penalty_coefs(config, S)` for the config's). The
     state is donated (the ring is updated in place); do not reuse the argument. With a batch mesh, place
     the state with `state_shardings` (or build it with `init_sharded`).
 
@@ -49,10 +49,7 @@ def make_iteration_fn(config: mb2po.MB2POConfig, termination_fn: TerminationFn, 
             mb2po.iteration, config=config, termination_fn=termination_fn,
             policy_fn=sharding.split_policy_rows(mb2po.policy_sample, mesh),
             split_rows=lambda tree, axis=0: sharding.constrain_rows(tree, mesh, axis))
-        def step(state, dyn_state, dataset, penalty_coef=None):
-            return jax.vmap(one_seed, in_axes=(0, 0, None, 0))(state, dyn_state, dataset, penalty_coef)
-
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None, 0)), donate_argnums=0)
     if mesh is not None:
         raise ConfigError("mb2po: a rollout mesh runs everything but the rollout on one device; mesh must be None")
     imagine = functools.partial(mb2po.imagine, config=config, termination_fn=termination_fn,
@@ -63,13 +60,18 @@ def make_iteration_fn(config: mb2po.MB2POConfig, termination_fn: TerminationFn, 
     learn_fn = jax.jit(jax.vmap(functools.partial(mb2po.learn, config=config), in_axes=(0, 0, None)),
                        in_shardings=home, out_shardings=home, donate_argnums=0)  # one layout: no recompile
 
-    def fn(state, dyn_state, dataset, penalty_coef=None):
+    def fn(state, dyn_state, dataset, penalty_coef):
         on_mesh = jax.device_put((state.agent, dyn_state, dataset.observations, penalty_coef),
                                  everywhere)  # device copies
         imagined = jax.device_put(imagine_fn(*on_mesh), home)
         return learn_fn(state, imagined, dataset)
 
     return fn
+
+
+def penalty_coefs(config: mb2po.MB2POConfig, num_seeds: int) -> jax.Array:
+    """[S] lambda: the config's for every seed (the uncapped one; a run's are `Run.penalty_coefs`')."""
+    return jnp.full((num_seeds,), config.penalty_coef, jnp.float32)
 
 
 def state_shardings(state: mb2po.MB2POState, mesh: Mesh):

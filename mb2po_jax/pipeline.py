@@ -98,6 +98,29 @@ class StageLoop:
     extra_meta: Callable[[Any], dict] | None = None  # state -> more JSON for the checkpoint meta
 
 
+class _StageLambda:
+    """A stage's per-seed lambda (`Run.penalty_coefs`): computed when the stage starts, recorded in its
+    checkpoints' meta ("penalty"), and on resume taken from there, so a stage keeps the lambda it started
+    with (even if a new version or device layout would compute it differently)."""
+
+    def __init__(self, stage: str, figures: dict, mesh: Mesh | None, log: Callable[[str], None]):
+        self.stage, self.mesh, self.log = stage, mesh, log
+        self._set(figures)
+
+    def _set(self, figures: dict) -> None:
+        self.figures = figures
+        self.array = sharding.shard_seeds(jnp.asarray(figures["penalty_coef"], jnp.float32), self.mesh)
+
+    def resume(self, meta: dict) -> None:
+        recorded = meta.get("penalty")
+        if recorded is None:  # a checkpoint of a version before the cap: the lambda computed now
+            return
+        if recorded["penalty_coef"] != self.figures["penalty_coef"]:
+            self.log(f"[{self.stage}] resuming with the lambda its checkpoint records, "
+                     f"{recorded['penalty_coef']} (computed now: {self.figures['penalty_coef']})")
+        self._set(recorded)
+
+
 class _NullWriter:
     """What processes other than 0 write metrics to."""
 
@@ -163,7 +186,8 @@ def _to_list(x) -> list[float]:
 def _differences(old: dict, new: dict, open_sections: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """(flag, old value, new value) of every setting that differs between two recorded identities, except
     in `open_sections`. A key only one of them has (a field a workdir of another version did not record)
-    is not compared."""
+    is not compared, except `config.ADDED_FIELDS`, which an older workdir ran with their old value."""
+    old = config_lib.with_added_fields(old)
     out = []
     for key in IDENTITY_FIELDS:
         if key in open_sections or key not in old or key not in new:
@@ -686,14 +710,15 @@ class Run:
         return parallel.init_sharded(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
                                   self.mesh)
 
-    def penalty_coefs(self, stage: str, dyn_state: dyn.DynamicsState) -> tuple[np.ndarray, dict[str, list]]:
+    def penalty_coefs(self, stage: str, dyn_state: dyn.DynamicsState) -> "_StageLambda":
         """Every seed's lambda for the rollouts (`rollout.capped_penalty_coef` of its finished ensemble on
-        D_beta), logged; returns (lambda [S], the figures behind it for results.json)."""
+        D_beta), logged, with the figures behind it (for results.json and the checkpoints' meta)."""
         mcfg = self.config.mb2po
         data = self._device_dataset()
         models = sharding.shard_seeds(dyn_state.replace(opt_state=None, best_params=None), self.mesh)
-        mean_u = sharding.to_host(jax.jit(jax.vmap(lambda m: ro.dataset_uncertainty(
-            m, data.observations, data.actions, mcfg.rollout_config())))(models))
+        fn = jax.jit(jax.vmap(lambda m, obs, act: ro.dataset_uncertainty(m, obs, act, mcfg.rollout_config()),
+                              in_axes=(0, None, None)))
+        mean_u = sharding.to_host(fn(models, data.observations, data.actions))
         mean_abs_r = float(np.mean(np.abs(self.dataset.transitions.rewards)))
         lam = np.asarray(ro.capped_penalty_coef(mcfg.penalty_coef, mcfg.max_penalty_share, mean_abs_r, mean_u))
         share = mcfg.penalty_coef * mean_u / max(mean_abs_r, 1e-8)
@@ -703,8 +728,9 @@ class Run:
                  f"so lambda={mcfg.penalty_coef} would take {fmt(share)} of the reward; "
                  + (f"lambda capped to {fmt(lam)} (--max_penalty_share={mcfg.max_penalty_share}; 0 keeps the "
                     f"task's lambda)" if capped else f"lambda={mcfg.penalty_coef} for every seed"))
-        return lam, {"penalty_coef": [float(x) for x in lam], "data_uncertainty": [float(x) for x in mean_u],
-                     "data_mean_abs_reward": mean_abs_r}
+        return _StageLambda(stage, {"penalty_coef": [float(x) for x in lam],
+                                    "data_uncertainty": [float(x) for x in mean_u],
+                                    "data_mean_abs_reward": mean_abs_r}, self.mesh, self.log)
 
     def run_mb2po(self, writer: MetricsWriter, agents: awac.AWACState, dyn_state: dyn.DynamicsState):
         cfg, mcfg = self.config, self.config.mb2po
@@ -716,14 +742,18 @@ class Run:
         data = self._device_dataset()
         models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
         models = sharding.shard_seeds(models, self.mesh)
-        lam, penalty_figures = self.penalty_coefs("mb2po", dyn_state)
-        lam = sharding.shard_seeds(jnp.asarray(lam), self.mesh)
+        lam = self.penalty_coefs("mb2po", dyn_state)
         step_fn = parallel.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh,
                                              self.rollout_mesh)
 
         def call(state):
-            state, metrics = step_fn(state, models, data, lam)
+            state, metrics = step_fn(state, models, data, lam.array)
             return state, sharding.to_host(metrics)
+
+        def resume(state, meta):
+            lam.resume(meta)
+            iteration = int(meta["iteration"])
+            return iteration, meta.get("final") is not None and iteration >= mcfg.iterations
 
         def record(state, metrics, seconds):
             return ({**metrics, "seconds_per_iteration": seconds},
@@ -733,13 +763,13 @@ class Run:
 
         loop = StageLoop(
             name="mb2po", unit="iteration", total=mcfg.iterations, call=call, record=record,
-            resume=lambda state, meta: (int(meta["iteration"]), meta.get("final") is not None
-                                        and int(meta["iteration"]) >= mcfg.iterations),
+            resume=resume,
             advance=lambda state, it: (it + 1, it + 1 >= mcfg.iterations), params=lambda state: state.agent,
             hint="Lower --actor_lr/--critic_lr or raise --penalty_coef", agents=lambda state: state.agent,
             eval_every=cfg.mb2po_eval_every, checkpoint_every=cfg.mb2po_checkpoint_every,
             progress_interval_s=0.0, progress_unit="it",
-            evaluated=lambda step, scores, done: {**scores, **penalty_figures} if done else scores)
+            evaluated=lambda step, scores, done: {**scores, **lam.figures} if done else scores,
+            extra_meta=lambda state: {"penalty": lam.figures})
         return self._drive(loop, writer, self.init_mb2po(agents))
 
     def finished_mb2po(self) -> awac.AWACState:
@@ -792,10 +822,12 @@ class Run:
                  f"({cfg.num_seeds * ocfg.buffer_size * row_bytes / 2**30:.2f} GiB)")
         if ocfg.model:
             mcfg = cfg.mb2po
+            capped = ", capped per seed as below" if mcfg.max_penalty_share else ""
             self.log(f"[online] model arm: {mcfg.imagined_steps} imagined steps (h={mcfg.horizon}, "
-                     f"lambda={mcfg.penalty_coef}, capped as below) per {ocfg.steps_per_call} environment steps into a ring of "
-                     f"{mcfg.num_slots}; {ocfg.model_ratio} of each batch from it; ensemble refits on offline + "
-                     f"online data every {ocfg.model_refit_every} steps ({ocfg.model_refit_epochs} epochs)")
+                     f"lambda={mcfg.penalty_coef}{capped}) per {ocfg.steps_per_call} environment steps into a "
+                     f"ring of {mcfg.num_slots}; {ocfg.model_ratio} of each batch from it; ensemble refits on "
+                     f"offline + online data every {ocfg.model_refit_every} steps ({ocfg.model_refit_epochs} "
+                     "epochs)")
 
     def _refit_online_models(self, state: online.OnlineState, offline: Transitions,
                              env_step: int) -> online.OnlineState:
@@ -855,9 +887,10 @@ class Run:
         self._log_online_plan(source)
         fns = {"act": online.make_act_fn(), "learn": online.make_update_fn(ocfg, learn=True),
                "store": online.make_update_fn(ocfg, learn=False) if ocfg.warmup_steps else None}
+        lam = None  # the model arm's lambda per seed
         if ocfg.model:
             models = models if models is not None else self.finished_dynamics()
-            lam = sharding.shard_seeds(jnp.asarray(self.penalty_coefs("online", models)[0]), self.mesh)
+            lam = self.penalty_coefs("online", models)
             imagine_fn = online.make_imagine_fn(cfg.mb2po, termination_fn_for(self.env_id))
             offline = self._dynamics_transitions()
         envs = online.EnvBatch(
@@ -872,7 +905,8 @@ class Run:
                 return scores
             figures = [online.collapse_figures([c[0] for c in curve], [c[1][s] for c in curve], ocfg.steps)
                        for s in range(cfg.num_seeds)]
-            return {**scores, **{k: [f[k] for f in figures] for k in figures[0]}}
+            return {**scores, **{k: [f[k] for f in figures] for k in figures[0]},
+                    **(lam.figures if ocfg.model else {})}
 
         def resume(state, meta):
             if meta.get("source", source) != source:
@@ -880,6 +914,8 @@ class Run:
                     f"{self.workdir}: the online stage was started from the {meta['source']} agent, but this "
                     f"run would continue the {source} agent; add --restart_from=online to start it again")
             curve[:] = [(int(st), list(sc)) for st, sc in meta.get("curve", [])]
+            if ocfg.model:
+                lam.resume(meta)
             exact = envs.restore(meta["envs"])
             if not exact:
                 self.log("[online] resuming: the environments' state could not be saved; every episode "
@@ -900,7 +936,7 @@ class Run:
             if ocfg.model:
                 if counter[0] > 0 and counter[0] % ocfg.model_refit_every == 0:
                     state = self._refit_online_models(state, offline, counter[0])
-                state, model_metrics = imagine_fn(state, data.observations, lam)
+                state, model_metrics = imagine_fn(state, data.observations, lam.array)
             state, out = self._online_steps(state, envs, data, counter[0], fns)
             counter[0] += ocfg.steps_per_call
             out["env_steps_per_s"] = np.full(cfg.num_seeds, ocfg.steps_per_call / (time.perf_counter() - t0))
@@ -922,7 +958,7 @@ class Run:
             agents=lambda state: state.agent, eval_every=ocfg.eval_every, checkpoint_every=ocfg.checkpoint_every,
             progress_interval_s=0.0, evaluated=evaluated,
             extra_meta=lambda state: {"envs": envs.snapshot(), "curve": [list(c) for c in curve],
-                                      "source": source})
+                                      "source": source, **({"penalty": lam.figures} if ocfg.model else {})})
         state = self.init_online(agents, models)
         try:
             return self._drive(loop, writer, state)

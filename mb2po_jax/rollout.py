@@ -250,6 +250,7 @@ def rollout(
     alive = jnp.arange(num_chunks * c) < b
     start_obs = jnp.concatenate([start_obs, jnp.broadcast_to(start_obs[:1], (pad, start_obs.shape[1]))])
     lam = config.penalty_coef if penalty_coef is None else penalty_coef
+    chex.assert_rank(lam, 0)  # one lambda per rollout (a seed's [S] lambda is vmapped outside)
     members, draw_pos = member_sets(dyn_state, config)
     params = dyn.take_members(dyn_state.params, members)  # [|F|, ...], gathered once for all chunks
     chunk_fn = lambda args: _rollout_chunk(

@@ -24,14 +24,16 @@ def _run(*args, env=None, timeout=120):
 
 
 def _fake_run(root, name, awac, mb2po=None, *, awac_evals=(2000, 4000), mb2po_evals=(2, 4), finished=True,
-              preset="cpu", commit="abc123"):
-    """A mb2po-train workdir with AWAC ending at `awac` and MB2PO at `mb2po` (per-seed normalised scores)."""
+              preset="cpu", commit="abc123", cap=0.5, used=None):
+    """A mb2po-train workdir with AWAC ending at `awac` and MB2PO at `mb2po` (per-seed normalised scores);
+    cap: its --max_penalty_share (None: a run from before the cap), used: the lambda per seed it recorded."""
     workdir = root / name
     (workdir / "checkpoints" / "awac").mkdir(parents=True)
     (workdir / "checkpoints" / "awac" / "big.bin").write_bytes(b"\0" * 100)
     seeds = len(awac)
     config = {"awac_steps": 4000, "num_seeds": seeds, "seed": 0, "eval_episodes": 10,
-              "mb2po": {"iterations": 4, "updates_per_iteration": 1000, "horizon": 5, "penalty_coef": 1.0}}
+              "mb2po": {"iterations": 4, "updates_per_iteration": 1000, "horizon": 5, "penalty_coef": 1.0,
+                        **({} if cap is None else {"max_penalty_share": cap})}}
     (workdir / "config.json").write_text(json.dumps({"identity": {"dataset": name}, "preset": preset,
                                                      "config": config}))
     lines = []
@@ -48,7 +50,8 @@ def _fake_run(root, name, awac, mb2po=None, *, awac_evals=(2000, 4000), mb2po_ev
         {"commit": "refused", "budget": "paper", "seeds": seeds, "seed": 0}]}))
     if finished:
         final = {"awac": {"normalized_score": awac, "return": [1.0] * seeds},
-                 "mb2po": {"normalized_score": mb2po, "return": [2.0] * seeds}}
+                 "mb2po": {"normalized_score": mb2po, "return": [2.0] * seeds,
+                           **({} if used is None else {"penalty_coef": used})}}
         (workdir / "results.json").write_text(json.dumps({"dataset": name, "preset": preset, "num_seeds": seeds,
                                                           "final": final, "config": config}))
 
@@ -60,9 +63,10 @@ def _row(md, name):
 
 def test_report_table_curves_and_copies_that_regenerate_it(tmp_path):
     runs = tmp_path / "runs"
-    _fake_run(runs, "hopper-medium-replay-local", [20.0, 30.0, 25.0], [40.0, 50.0, 60.0])
-    _fake_run(runs, "walker2d-medium-expert-local", [90.0, 92.0, 94.0], [80.0, 85.0, 90.0], commit="def456")
-    _fake_run(runs, "halfcheetah-medium-local", [40.0, 41.0, 42.0], [42.0, 44.0, 40.0])
+    _fake_run(runs, "hopper-medium-replay-local", [20.0, 30.0, 25.0], [40.0, 50.0, 60.0], used=[1.0, 1.0, 1.0])
+    _fake_run(runs, "walker2d-medium-expert-local", [90.0, 92.0, 94.0], [80.0, 85.0, 90.0], commit="def456",
+              used=[0.3, 1.0, 0.2])
+    _fake_run(runs, "halfcheetah-medium-local", [40.0, 41.0, 42.0], [42.0, 44.0, 40.0], cap=None)
     _fake_run(runs, "hopper-medium-local", [10.0, 11.0, 12.0], awac_evals=(2000,), finished=False)
     _fake_run(runs, "hopper-expert-local", [100.0, 110.0, 120.0], [1.0, 2.0, 3.0], mb2po_evals=(2,),
               finished=False)
@@ -74,6 +78,9 @@ def test_report_table_curves_and_copies_that_regenerate_it(tmp_path):
     assert _row(md, "hopper-medium-replay-local") == [
         "hopper-medium-replay-local", "done", "5, 1.0", "25.0 ± 5.0 (20.0, 30.0, 25.0)",
         "50.0 ± 10.0 (40.0, 50.0, 60.0)", "+25.0 ± 8.7 (+20.0, +20.0, +35.0)", "+53.0 (29.0 -> 82.0)"]
+    assert _row(md, "walker2d-medium-expert-local")[2] == "5, 1.0 (capped: 0.3, 1, 0.2)"  # lambda per seed
+    assert _row(md, "halfcheetah-medium-local")[2] == "5, 1.0 (before the cap)"
+    assert "caps each seed's lambda" in md
     assert _row(md, "walker2d-medium-expert-local")[5:] == [
         "-7.0 ± 3.0 (-10.0, -7.0, -4.0)", "degrades (no number; AWAC 93.2)"]
     assert _row(md, "halfcheetah-medium-local")[5:] == ["+1.0 ± 2.6 (+2.0, +3.0, -2.0)", "+4.3 (41.2 -> 45.5)"]

@@ -60,7 +60,7 @@ def test_iteration_fills_the_ring_with_penalised_model_rows():
     step = parallel.make_iteration_fn(cfg, never_terminate)
     models, data = _stack(dyn_state, 2), _dataset()
     for k in range(3):
-        state, metrics = step(state, models, data)
+        state, metrics = step(state, models, data, parallel.penalty_coefs(cfg, 2))
     # 3 iterations into a ring of 2: both slots full, write index wrapped.
     np.testing.assert_array_equal(np.asarray(state.buffer.counts), [[100, 100]] * 2)
     np.testing.assert_array_equal(np.asarray(state.buffer.num_written), [3, 3])
@@ -87,7 +87,8 @@ def test_terminated_trajectories_stop_adding_rows():
     data = _dataset()
     data = data.replace(observations=jnp.asarray(np.tile([[1.25, 0.0]], (300, 1)), jnp.float32))
     state = mb2po.init_seeds(_agents(), cfg, OBS, ACT)
-    state, metrics = parallel.make_iteration_fn(cfg, hopper_termination)(state, _stack(dyn_state, 2), data)
+    step = parallel.make_iteration_fn(cfg, hopper_termination)
+    state, metrics = step(state, _stack(dyn_state, 2), data, parallel.penalty_coefs(cfg, 2))
     assert metrics["rollout_num_valid"].tolist() == [20, 20]  # 10 starts x 2 steps
     assert np.asarray(state.buffer.counts).tolist() == [[20], [20]]
     assert np.asarray(state.buffer.terminals)[:, :20].sum() == 2 * 10
@@ -204,8 +205,10 @@ def test_pipeline_caps_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_pa
     lambda_eff * mean u in every iteration's record) and results.json records it. With the cap off the
     task's lambda is used."""
     data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
-    _, results = _run(tmp_path / "capped", data, penalty_coef=1000.0, mb2po_iterations=2, mb2po_eval_every=2)
+    run, results = _run(tmp_path / "capped", data, penalty_coef=1000.0, mb2po_iterations=2, mb2po_eval_every=2)
     final = results["final"]["mb2po"]
+    _, meta = _mb2po_checkpoint(tmp_path / "capped", run)
+    assert meta["penalty"]["penalty_coef"] == final["penalty_coef"]  # what a resume continues with
     lam, u, r = np.array(final["penalty_coef"]), np.array(final["data_uncertainty"]), final["data_mean_abs_reward"]
     assert lam.shape == (2,) and np.all(lam < 1000.0) and u[0] != u[1]  # each seed its own ensemble
     np.testing.assert_allclose(lam * u / r, 0.5, rtol=1e-5)

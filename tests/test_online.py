@@ -322,7 +322,7 @@ def test_online_model_arm_refits_and_resumes_exactly(tmp_path):
     data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
     settings = {**MB2PO_TINY, **{k: v for k, v in TINY.items() if k.startswith("online") or k == "utd"},
                 "stages": ("awac", "dynamics", "online"), "online_model": True, "model_refit_every": 100,
-                "model_refit_epochs": 2}
+                "model_refit_epochs": 2, "penalty_coef": 1000.0}  # a lambda the cap must lower
     cfg = config_lib.make_config("smoke", settings)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     messages = []
@@ -330,6 +330,11 @@ def test_online_model_arm_refits_and_resumes_exactly(tmp_path):
     assert any("ensembles refit on" in m for m in messages), messages
     train = [r for r in _records(straight) if r["stage"] == "online" and "return" not in r]
     assert all(r["model_rows"][0] > 0 for r in train)
+    lam = np.array(results["final"]["online"]["penalty_coef"])  # the smoke preset's cap, per seed
+    assert np.all(lam < 1000.0)
+    for r in train:  # the model arm's rollouts use it, after every refit too
+        np.testing.assert_allclose(r["rollout_mean_penalty"], lam * np.array(r["rollout_mean_uncertainty"]),
+                                   rtol=1e-4)
 
     holder = {}
 

@@ -204,6 +204,20 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         pipeline.Run(workdir, data, None, other)
 
 
+def test_a_setting_added_since_is_read_with_the_value_older_workdirs_ran_with():
+    """A workdir (or benchmark copy) made before --max_penalty_share existed ran uncapped: its recorded
+    identity is compared as 0.0, so a capped rerun of its trained MB2PO stage is refused by name, while
+    an open stage may take the new setting."""
+    new = json.loads(json.dumps(config_lib.identity(config_lib.make_config("cpu"))))
+    old = json.loads(json.dumps(new))
+    del old["mb2po"]["max_penalty_share"]
+    assert pipeline._differences(old, new) == [("--max_penalty_share", 0.0, 0.5)]
+    assert pipeline._differences(old, new, open_sections=("mb2po", "online")) == []
+    del old["mb2po"]["horizon"]  # a field not in config.ADDED_FIELDS is still not compared when missing
+    uncapped = {**new, "mb2po": {**new["mb2po"], "horizon": 9, "max_penalty_share": 0.0}}
+    assert pipeline._differences(old, uncapped) == []
+
+
 @pytest.mark.parametrize("problem", ["missing", "nan"])
 def test_bad_dataset_exits_nonzero_with_one_line(tmp_path, problem):
     path = tmp_path / "bad.hdf5"

@@ -208,20 +208,36 @@ def test_chunk_equals_the_plain_model_step_with_the_same_draws(members):
         np.asarray(state.elites if members == "elites" else evaluated).tolist())
 
 
-def test_dataset_uncertainty_grows_with_disagreement_and_uses_the_penalised_members():
-    """`dataset_uncertainty` is the rollout's u(s, a) averaged over the data's pairs: on a hand-built
-    ensemble (the same output for every input) it equals the rollout's own mean u, and it grows with the
-    members' predicted variance."""
+@pytest.mark.parametrize("members", ["all", "elites"])
+def test_dataset_uncertainty_is_the_rollouts_u_on_the_datas_pairs(members):
+    """`dataset_uncertainty` is the mean of the u(s, a) `model_step` gives a rollout, on the data's own
+    (s, a) pairs (every k-th row of the data), with a random ensemble whose u varies with the input."""
+    cfg = dyn.DynamicsConfig(num_members=4, num_elites=3, hidden_dims=(16, 16), weight_decay=(0.0,) * 3)
+    state = dyn.init_dynamics(jax.random.PRNGKey(0), OBS, ACT, cfg, jax.random.normal(jax.random.PRNGKey(1),
+                                                                                     (64, OBS + ACT)))
+    state = state.replace(elites=jnp.asarray([3, 0, 1], jnp.int32))
+    obs = 3.0 * jax.random.normal(jax.random.PRNGKey(2), (100, OBS))
+    act = jnp.tanh(jax.random.normal(jax.random.PRNGKey(3), (100, ACT)))
+    rcfg = ro.RolloutConfig(rollout_members=members)
+    evaluated, _ = ro.member_sets(state, rcfg)
+    params = dyn.take_members(state.params, evaluated)
+    drawn, eps = jnp.zeros(25, jnp.int32), jnp.zeros((OBS + 1, 25))
+    _, _, u = ro.model_step(obs[::4], act[::4], state, params, drawn, eps, penalty=rcfg.penalty)
+    assert float(jnp.std(u)) > 0.002 * float(jnp.mean(u))  # a u that depends on (s, a)
+    np.testing.assert_allclose(float(ro.dataset_uncertainty(state, obs, act, rcfg, max_rows=25)),
+                               float(jnp.mean(u)), rtol=1e-5)
+    _, _, u_all = ro.model_step(obs, act, state, params, jnp.zeros(100, jnp.int32), jnp.zeros((OBS + 1, 100)),
+                                penalty=rcfg.penalty)
+    np.testing.assert_allclose(float(ro.dataset_uncertainty(state, obs, act, rcfg)), float(jnp.mean(u_all)),
+                               rtol=1e-5)
+
+
+def test_dataset_uncertainty_grows_with_the_members_variance():
     obs, act = jnp.asarray(np.random.default_rng(0).normal(size=(50, OBS)), jnp.float32), jnp.zeros((50, ACT))
-    for members in ("elites", "all"):
-        cfg = ro.RolloutConfig(horizon=1, rollout_members=members, chunk_size=64)
-        state = hand_state(MEANS, RAW, ELITES)
-        _, _, metrics = ro.make_rollout_fn(zero_policy, never_terminate, cfg)(jax.random.PRNGKey(0), None, state,
-                                                                             obs)
-        u = ro.dataset_uncertainty(state, obs, act, cfg, max_rows=7)  # a strided subset: same u everywhere
-        np.testing.assert_allclose(float(u), float(metrics["mean_uncertainty"]), rtol=1e-6)
-        narrower = ro.dataset_uncertainty(hand_state(MEANS, RAW - 3.0, ELITES), obs, act, cfg)
-        assert float(u) > float(narrower) * 1.4
+    cfg = ro.RolloutConfig(rollout_members="all")
+    wide = ro.dataset_uncertainty(hand_state(MEANS, RAW, ELITES), obs, act, cfg)
+    narrow = ro.dataset_uncertainty(hand_state(MEANS, RAW - 3.0, ELITES), obs, act, cfg)
+    assert float(wide) > float(narrow) * 1.4
 
 
 def test_capped_penalty_coef_binds_only_above_the_share():

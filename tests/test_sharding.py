@@ -34,14 +34,14 @@ SCRIPT = textwrap.dedent("""
     results = []
     for shard in (False, True):
         state = mb2po.init_seeds(_agents(4), cfg, OBS, ACT)
-        m, d = models, data
+        m, d, lam = models, data, parallel.penalty_coefs(cfg, 4)
         if shard:
-            state, m = sharding.shard_seeds((state, m), mesh)
+            state, m, lam = sharding.shard_seeds((state, m, lam), mesh)
             d = sharding.replicate(d, mesh)
         agent, _ = train(state.agent, d)
         state = state.replace(agent=agent)
         for _ in range(2):
-            state, metrics = step(state, m, d)
+            state, metrics = step(state, m, d, lam)
         results.append([np.asarray(x) for x in jax.tree.leaves(state)])
     leaf = state.agent.actor_params["params"]
     leaf = jax.tree.leaves(leaf)[0]
@@ -73,9 +73,10 @@ ONE_SEED_SCRIPT = textwrap.dedent("""
         step = parallel.make_iteration_fn(cfg, never_terminate, m)
         state = parallel.init_sharded(jax.tree.map(np.array, agents), cfg, OBS, ACT, m)  # donated below
         d, dyn = sharding.replicate(_dataset(), m), sharding.shard_seeds(models, m)
-        hlo = step.lower(state, dyn, d).compile().as_text()
+        lam = sharding.shard_seeds(parallel.penalty_coefs(cfg, 1), m)
+        hlo = step.lower(state, dyn, d, lam).compile().as_text()
         for _ in range(2):
-            state, metrics = step(state, dyn, d)
+            state, metrics = step(state, dyn, d, lam)
         results.append([np.asarray(x) for x in jax.tree.leaves(state)])
     # Every dimension of the matmuls of the sharded program (policy and ensemble layers, AWAC updates):
     # 44 (a whole chunk) or 11 (a device's share) can only be the trajectory axis (other sizes: 2, 3, 5, 6,
@@ -121,7 +122,7 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
         state = mb2po.init_seeds(jax.tree.map(np.array, agents), cfg, OBS, ACT)  # donated below
         jax.config.update("jax_log_compiles", rollout_mesh is not None)
         for _ in range(3):
-            state, metrics = step(state, models, _dataset())
+            state, metrics = step(state, models, _dataset(), parallel.penalty_coefs(cfg, 2))
         jax.config.update("jax_log_compiles", False)
         results.append([np.asarray(x) for x in jax.tree.leaves(state)])
     print(json.dumps({{"devices": [d.platform for d in rollout_mesh.devices.flat], "layouts": layouts,
