@@ -4,7 +4,7 @@ One iteration k for one seed (`iteration`), pure:
   1. `imagine`: sample `num_starts` start states s_1 from D_beta; roll the current policy out for h steps
      in the ensemble (a uniformly drawn member per trajectory and step, penalised reward r - lambda *
      u(s, a), trajectories stop at predicted termination)                           -> rollout.imagine
-     (lambda: the seed's `rollout.capped_penalty_coef`, computed once per run by the caller)
+     (lambda: the seed's `rollout.capped_penalty_coef`, computed by the caller when the stage starts)
   2. `learn`: the iteration's valid transitions become D_k, slot k % n of the model ring
                                                                                      -> buffer.add_rollout
      then `updates_per_iteration` AWAC steps on batches of exactly round(omega * B) rows of D_beta and the

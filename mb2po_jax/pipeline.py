@@ -710,12 +710,11 @@ class Run:
         return parallel.init_sharded(agents, self.config.mb2po, self.dataset.obs_dim, self.dataset.act_dim,
                                   self.mesh)
 
-    def penalty_coefs(self, stage: str, dyn_state: dyn.DynamicsState) -> "_StageLambda":
-        """Every seed's lambda for the rollouts (`rollout.capped_penalty_coef` of its finished ensemble on
-        D_beta), logged, with the figures behind it (for results.json and the checkpoints' meta)."""
+    def penalty_coefs(self, stage: str, models: dyn.DynamicsState, data: Transitions) -> "_StageLambda":
+        """Every seed's lambda for the rollouts (`rollout.capped_penalty_coef` of its finished ensemble
+        `models` [S], placed on the run's mesh, on D_beta `data` as `_device_dataset` gives it), logged, with
+        the figures behind it (for results.json and the checkpoints' meta)."""
         mcfg = self.config.mb2po
-        data = self._device_dataset()
-        models = sharding.shard_seeds(dyn_state.replace(opt_state=None, best_params=None), self.mesh)
         fn = jax.jit(jax.vmap(lambda m, obs, act: ro.dataset_uncertainty(m, obs, act, mcfg.rollout_config()),
                               in_axes=(0, None, None)))
         mean_u = sharding.to_host(fn(models, data.observations, data.actions))
@@ -742,7 +741,7 @@ class Run:
         data = self._device_dataset()
         models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
         models = sharding.shard_seeds(models, self.mesh)
-        lam = self.penalty_coefs("mb2po", dyn_state)
+        lam = self.penalty_coefs("mb2po", models, data)
         step_fn = parallel.make_iteration_fn(mcfg, termination_fn_for(self.env_id), self.mesh,
                                              self.rollout_mesh)
 
@@ -890,7 +889,7 @@ class Run:
         lam = None  # the model arm's lambda per seed
         if ocfg.model:
             models = models if models is not None else self.finished_dynamics()
-            lam = self.penalty_coefs("online", models)
+            lam = self.penalty_coefs("online", sharding.shard_seeds(models, self.mesh), data)
             imagine_fn = online.make_imagine_fn(cfg.mb2po, termination_fn_for(self.env_id))
             offline = self._dynamics_transitions()
         envs = online.EnvBatch(
