@@ -42,7 +42,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # `mb2po-eval --video`: imageio's mp4 writer (imageio-ffmpeg ships an ffmpeg binary).
         "video": ["imageio>=2.9", "imageio-ffmpeg>=0.4"],
-        # PyTorch reference implementations, only for `mb2po-bench --compare`.
+        # PyTorch reference implementations, only for `mb2po-bench ... --compare_torch`.
         "bench": ["torch>=2.2"],
     },
     entry_points={

@@ -55,6 +55,7 @@ def run(
     num_seeds: int = 1,
     num_members: int = 7,
     num_elites: int = 5,
+    members: str = "elites",
     dataset_size: int = 100_000,
     repeats: int = 2,
     min_time: float = 0.0,
@@ -67,7 +68,9 @@ def run(
     mesh, several seeds split over a seed mesh); the reference rate is then the devices' aggregate.
     `cpu_devices` > 1: that many CPU host devices as `mb2po-train --cpu_devices` uses them (seeds split
     over them when they divide, else the rollout split and the rest on the first); 0 (default): the run's
-    default, 2 on a CPU with 2+ cores when `devices` is 1, else none."""
+    default, 2 on a CPU with 2+ cores when `devices` is 1, else none. `members`: whom rollouts draw from and
+    penalise over, "elites" (MOPO's 5 of 7: the rollout benchmark's default and the setting every recorded
+    figure ran) or "all" (`mb2po-train`'s default, the paper's; give `--num_members 5` for its ensemble)."""
     if devices > 1 and cpu_devices > 1:
         raise ConfigError("--devices and --cpu_devices: give one of them")
     # First: on CPU these set the host device count.
@@ -77,7 +80,7 @@ def run(
         mesh, rollout_mesh = bench_cpu_layout(num_seeds, cpu_devices)
     dcfg = dyn.DynamicsConfig(num_members=num_members, num_elites=num_elites)
     mcfg = mb2po.MB2POConfig(imagined_steps=imagined_steps, updates_per_iteration=updates_per_iteration,
-                             horizon=horizon, num_slots=num_slots)
+                             horizon=horizon, num_slots=num_slots, rollout_members=members)
     acfg = awac.AWACConfig()
     k_dyn, k_agent, k_data = jax.random.split(jax.random.PRNGKey(seed), 3)
     models = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_seeds,) + x.shape),
@@ -112,8 +115,8 @@ def run(
     sizes = dyn.layer_sizes(dcfg, obs_dim, act_dim)
     k = acfg.num_components
     actor = [obs_dim, *acfg.actor_hidden_dims, k + 2 * k * act_dim]
-    members = num_elites  # the default max_std penalty evaluates the elites
-    rollout_flops = mcfg.rows_per_slot * (members * dense_flops(1, sizes) + dense_flops(1, actor))
+    evaluated = num_members if members == "all" else num_elites  # max_std: over the members drawn from
+    rollout_flops = mcfg.rows_per_slot * (evaluated * dense_flops(1, sizes) + dense_flops(1, actor))
     train_flops = updates_per_iteration * sum(update_flops(obs_dim, act_dim, acfg).values())
     flops = num_seeds * (rollout_flops + train_flops)
     rollout_fraction = rollout_flops / (rollout_flops + train_flops)
@@ -131,6 +134,7 @@ def run(
         "imagined_steps": mcfg.rows_per_slot,
         "updates_per_iteration": updates_per_iteration,
         "num_seeds": num_seeds,
+        "members_evaluated": evaluated,
         "compile_and_first_call_s": compile_and_first_s,
         **environment(),
         "devices": devices,

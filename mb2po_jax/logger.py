@@ -10,8 +10,9 @@ other line that is not a JSON object (damage no crash of ours leaves) is refused
 
 TensorBoard event files are written by tensorboardX (numpy + protobuf, no TensorFlow or torch), one
 TensorBoard run per stage: `WORKDIR/tensorboard/<stage>/events.out.tfevents.*`, so `tensorboard --logdir
-WORKDIR/tensorboard` lists the runs `awac`, `dynamics` and `mb2po`, each with its own step axis (the
-metrics.jsonl `step`: gradient steps for awac and dynamics, iterations for mb2po). Tags keep the stage
+WORKDIR/tensorboard` lists the runs `awac`, `dynamics`, `mb2po` and `online`, each with its own step axis (the
+metrics.jsonl `step`: gradient steps for awac and dynamics, iterations for mb2po, environment steps for
+online). Tags keep the stage
 prefix (`awac/critic_loss`, `mb2po/return`), so stages whose steps mean different things never share a
 chart. Why one run per stage: in one shared run (one event file, as before) the steps went back from
 awac's last step to dynamics' first and again to mb2po's (harmless only because no tag spans two stages),

@@ -69,7 +69,8 @@ def _newest(workdir: str, stage: str) -> tuple[int, dict] | None:
 
 def find_policy(workdir: str, stage: str | None = None, seed: int = 0) -> PolicySource:
     """Resolves (workdir, stage, seed) to a checkpoint without reading any array. stage None: the newest
-    finished stage with an agent (mb2po, else awac), or the newest unfinished one if none has finished."""
+    finished stage with an agent (online, else mb2po, else awac), or the newest unfinished one if none has
+    finished."""
     workdir = os.path.abspath(os.fspath(workdir))
     if not os.path.isdir(workdir):
         raise WorkdirError(f"{workdir}: no such directory")
@@ -90,7 +91,7 @@ def find_policy(workdir: str, stage: str | None = None, seed: int = 0) -> Policy
     if stage is None:
         have = [s for s in POLICY_STAGES if newest[s] is not None]
         if not have:
-            raise WorkdirError(f"{workdir}: no AWAC or MB2PO checkpoint in {os.path.join(workdir, 'checkpoints')}"
+            raise WorkdirError(f"{workdir}: no AWAC, MB2PO or online checkpoint in {os.path.join(workdir, 'checkpoints')}"
                                "; train one first (mb2po-train --workdir ...)")
         stage = next((s for s in have if newest[s][1].get("final") is not None), have[0])
     elif newest[stage] is None:

@@ -95,7 +95,7 @@ flags.DEFINE_integer("mb2po_eval_every", None, "Evaluate every this many MB2PO i
 flags.DEFINE_integer("cpu_devices", None, "XLA host devices a CPU run uses (single process; same numbers): "
                      "several seeds, a multiple of it, are split over them; otherwise each MB2PO rollout is, "
                      "and the rest stays on the first. Default: 2 on a CPU with 2+ cores when --stages has "
-                     "mb2po, or awac with an even --num_seeds; else 1. Ignored on accelerators unless given.")
+                     "mb2po, or awac or online with an even --num_seeds; else 1. Ignored on accelerators unless given.")
 flags.DEFINE_integer("mb2po_checkpoint_every", None, "Checkpoint (ring included) every this many iterations.")
 # Online fine-tuning (defaults in online.OnlineConfig).
 flags.DEFINE_integer("online_steps", None, "Environment steps of the online stage per seed, over its "

@@ -134,7 +134,7 @@ def test_dynamics_flop_count_matches_the_compiled_gradient():
 @pytest.mark.parametrize("name, args, rate_key", [
     ("rollout", ["--steps", "2000", "--compare_torch", "--repeats", "1"], "imagined_steps_per_s"),
     ("mb2po", ["--imagined_steps", "2000", "--updates_per_iteration", "5", "--dataset_size", "500",
-               "--repeats", "1"], "seconds_per_iteration"),
+               "--repeats", "1", "--members", "all"], "seconds_per_iteration"),
 ])
 def test_model_based_benchmarks_print_their_documented_keys(name, args, rate_key):
     if "--compare_torch" in args:
@@ -148,6 +148,7 @@ def test_model_based_benchmarks_print_their_documented_keys(name, args, rate_key
         assert out["torch_rows_per_s"] > 0 and out["speedup_vs_torch"] > 0
     else:
         assert out["imagined_steps"] == 2000 and out["projected_paper_protocol_hours"] > 0
+        assert out["members_evaluated"] == 7  # --members all: the FLOP count covers every member
 
 
 @pytest.mark.parametrize("name, args", [

@@ -95,7 +95,7 @@ def test_load_policy_errors_are_one_line(finished, tmp_path):
     cases = [
         (dict(workdir=tmp_path / "missing"), WorkdirError, "no such directory"),
         (dict(workdir=tmp_path), WorkdirError, "no config.json"),
-        (dict(workdir=untrained), WorkdirError, "no AWAC or MB2PO checkpoint"),
+        (dict(workdir=untrained), WorkdirError, "no AWAC, MB2PO or online checkpoint"),
         (dict(workdir=untrained, stage="mb2po"), WorkdirError, "mb2po stage has not been run"),
         (dict(workdir=workdir, seed=2), ConfigError, "seed 2 is out of range.*2 seed"),
         (dict(workdir=workdir, stage="dynamics"), ConfigError, "awac"),
