@@ -607,13 +607,27 @@ def load_arm(path: str, name: str, dataset: str) -> dict:
                started=started, done=done,
                curve=([e["step"] for e in evals], [_floats(e["normalized_score"]) for e in evals]))
     if done:
-        arm.update(start=final.get("start_score"), final=final.get("normalized_score"),
-                   depth=final.get("collapse_depth"), recover=final.get("steps_to_recover"), recover_known=True)
+        figures = _collapse_figures(arm["curve"], total) or final
+        arm.update(start=figures.get("start_score"), final=final.get("normalized_score"),
+                   depth=figures.get("collapse_depth"), recover=figures.get("steps_to_recover"), recover_known=True)
     else:
         start = _floats(found[0]["normalized_score"]) if 0 in found else None
         arm.update(start=start, final=None, depth=None, recover=None, recover_known=False)
     arm["status"] = _status(arm, evals[-1]["step"] if evals else None, "online")
     return arm
+
+
+def _collapse_figures(curve, total) -> dict | None:
+    """Per-seed lists of `online.collapse_figures` from the copied evaluation curve, so the table uses the
+    library's current definition whichever commit ran the arm (results.json keeps the figures of the commit
+    that ran it); None without a step-0 evaluation or the run's step count (then results.json's figures)."""
+    from mb2po_jax import online
+
+    steps, scores = curve
+    if not steps or steps[0] != 0 or not total:
+        return None
+    per_seed = [online.collapse_figures(steps, [row[s] for row in scores], total) for s in range(len(scores[0]))]
+    return {k: [f[k] for f in per_seed] for k in per_seed[0]}
 
 
 def _floats(value) -> list[float]:
@@ -655,7 +669,7 @@ def _status(arm: dict, last_step: int | None, unit: str) -> str:
 
 
 def _score_cell(scores) -> str:
-    if not scores:
+    if not scores or all(s is None for s in scores):  # a collapse depth nothing was evaluated for
         return "-"
     scores = [math.nan if s is None else float(s) for s in scores]
     return benchmark._cell(scores)
@@ -756,9 +770,11 @@ def render(table: dict[str, dict[str, dict]]) -> str:
         "seed with the same number of environment steps.",
         "- Columns: normalised score at online step 0 (the agent the stage continues); at the end of the online "
         "steps; collapse depth = start score minus the lowest score evaluated in the first 10 % of the online "
-        "steps (0 if none is lower); steps to recover = the first evaluated step whose score exceeds the start "
-        "score (`never` if none; the mean is over the seeds that recovered). Each: mean ± std over seeds "
-        "(ddof=1), then each seed, from `results.json` `final.online`.",
+        "steps (0 if none is lower; `-` if none was evaluated there); steps to recover = the first evaluated "
+        "step whose score exceeds the start score, after the collapse's lowest point if there was one (`never` "
+        "if none; the mean is over the seeds that recovered). Each: mean ± std over seeds (ddof=1), then each "
+        "seed; the final score from `results.json` `final.online`, the others by `online.collapse_figures` from "
+        "the copied evaluations (`evals.jsonl`).",
         _sac_note(arms),
     ]
     if any(n in OPTION_ARMS for rows in table.values() for n in rows):

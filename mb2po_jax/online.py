@@ -365,16 +365,21 @@ def collapse_figures(steps: Sequence[int], scores: Sequence[float], total_steps:
     the first at step 0):
       start_score      the score at step 0,
       collapse_depth   start score minus the lowest score evaluated in (0, 10 % of total_steps]; 0 if none
-                       is lower (or none was evaluated there),
-      steps_to_recover the first evaluated step > 0 whose score exceeds the start score (after a collapse:
-                       the steps until the policy is back above where it began); None if none does."""
+                       is lower; None if nothing was evaluated there (not measured, not "no collapse"),
+      steps_to_recover the first evaluated step whose score exceeds the start score, after the collapse's
+                       lowest point when there was a collapse (a seed that rose, then fell below its start
+                       for good, has not recovered); None if none does."""
     pairs = sorted(zip((int(s) for s in steps), (float(x) for x in scores)))
     if not pairs or pairs[0][0] != 0:
         raise ValueError("collapse_figures: the curve needs its evaluation at step 0")
     start = pairs[0][1]
-    early = [x for s, x in pairs[1:] if s <= 0.1 * total_steps]
-    depth = max(0.0, start - min(early)) if early else 0.0
-    recover = next((s for s, x in pairs[1:] if x > start), None)
+    early = [(x, s) for s, x in pairs[1:] if s <= 0.1 * total_steps]
+    depth, low_step = None, 0
+    if early:
+        low, at = min(early)  # the lowest score, the earliest of equal ones
+        depth = max(0.0, start - low)
+        low_step = at if depth > 0 else 0
+    recover = next((s for s, x in pairs[1:] if s > low_step and x > start), None)
     return {"start_score": start, "collapse_depth": depth, "steps_to_recover": recover}
 
 

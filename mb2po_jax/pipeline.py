@@ -837,7 +837,10 @@ class Run:
                            actions=host["buffer"].actions[:, :n], rewards=host["buffer"].rewards[:, :n],
                            next_observations=host["buffer"].next_observations[:, :n],
                            terminals=host["buffer"].terminals[:, :n])
-        keys = np.stack([np.asarray(jax.random.fold_in(k, 0x2EF17 + env_step)) for k in host["act_key"]])
+        # Its own stream: folding env_step in first, as `online.imagine` does, keeps it apart from the
+        # exploration actions' fold_in(act_key, step) keys.
+        keys = np.stack([np.asarray(jax.random.fold_in(jax.random.fold_in(k, env_step), 0x2EF17))
+                         for k in host["act_key"]])
         models, metrics = online.refit_models(sharding.to_host(state.models), offline, rows, keys,
                                               self.config.online.model_refit_epochs)
         self.log(f"[online] env_step {env_step}: ensembles refit on {len(offline)} offline + {n} online "

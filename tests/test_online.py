@@ -30,9 +30,14 @@ def test_collapse_figures_of_hand_made_curves():
     # No collapse: depth 0, recovered (above the start) at the first evaluation.
     assert f([0, 100, 200], [60, 70, 80], 1000) == {
         "start_score": 60.0, "collapse_depth": 0.0, "steps_to_recover": 100}
-    # No evaluation inside the first 10 %: depth 0; equal to the start is not above it.
+    # No evaluation inside the first 10 %: depth not measured (None); equal to the start is not above it.
     assert f([200, 0, 400], [60, 60, 61], 1000) == {
-        "start_score": 60.0, "collapse_depth": 0.0, "steps_to_recover": 400}
+        "start_score": 60.0, "collapse_depth": None, "steps_to_recover": 400}
+    # Above the start first, then a collapse: recovery counts from the collapse's lowest point.
+    assert f([0, 50, 100, 500], [60, 61, 20, 59], 1000) == {
+        "start_score": 60.0, "collapse_depth": 40.0, "steps_to_recover": None}
+    assert f([0, 50, 100, 500], [60, 61, 20, 62], 1000) == {
+        "start_score": 60.0, "collapse_depth": 40.0, "steps_to_recover": 500}
     with pytest.raises(ValueError, match="step 0"):
         f([100], [1.0], 1000)
 

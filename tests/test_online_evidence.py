@@ -325,3 +325,30 @@ def test_bad_input_is_one_error_line(tmp_path):
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     missing = _run("report", "--workdir", tmp_path / "nowhere", "--out", tmp_path / "out")
     assert missing.returncode == 1 and missing.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a directory"
+
+
+def test_report_computes_the_collapse_figures_from_the_evaluations(tmp_path):
+    # An arm run by an older commit: results.json's steps_to_recover (2,000) is the first evaluation above the
+    # start, before the collapse. The table takes the library's figures from the evaluations: seed 0 rose,
+    # fell 40 points inside the first 10 % and never came back (never), seed 1 fell and came back at 8,000.
+    arm = tmp_path / "online" / HMR / "mb2po_online"
+    arm.mkdir(parents=True)
+    steps, curves = [0, 2000, 5000, 8000, 50000], [[50.0, 51.0, 10.0, 40.0, 45.0], [30.0, 20.0, 25.0, 31.0, 32.0]]
+    config = {"num_seeds": 2, "seed": 0, "stages": ["online"], "eval_episodes": 10,
+              "online": {"steps": 50000, "model": False, "warmup_steps": 0, "ratio_start": 0.0,
+                         "ratio_anneal_steps": 0, "eval_every": 1000}}
+    with open(arm / "metrics.jsonl", "w") as f:
+        for i, step in enumerate(steps):
+            f.write(json.dumps({"stage": "online", "step": step, "return": [1.0, 1.0],
+                                "normalized_score": [c[i] for c in curves]}) + "\n")
+    final = {"return": [1.0, 1.0], "normalized_score": [45.0, 32.0], "start_score": [50.0, 30.0],
+             "collapse_depth": [40.0, 10.0], "steps_to_recover": [2000, 8000]}
+    (arm / "results.json").write_text(json.dumps({"dataset": HMR, "preset": "cpu", "config": config,
+                                                  "final": {"online": final}}))
+    (arm / "config.json").write_text(json.dumps({"config": config, "preset": "cpu"}))
+    out = tmp_path / "results"
+    done = _run("report", "--workdir", tmp_path / "online", "--out", out, "--no_plots")
+    assert done.returncode == 0, done.stderr
+    assert _row((out / "online.md").read_text(), HMR, "mb2po_online") == [
+        "done", "40.0 ± 14.1 (50.0, 30.0)", "38.5 ± 9.2 (45.0, 32.0)", "25.0 ± 21.2 (40.0, 10.0)",
+        "8,000 (never, 8,000; mean of the 1 that recovered)"]
