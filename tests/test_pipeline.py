@@ -160,13 +160,22 @@ def _records(workdir):
     return [{k: v for k, v in json.loads(l).items() if k not in ("time", "updates_per_s")} for l in lines]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_300(tmp_path_factory):
+    """(flags, workdir) of a finished 300-step AWAC run that the killed runs below must reproduce."""
+    root = tmp_path_factory.mktemp("sigkill")
+    common = ["--dataset", _write_hopper_file(root / "tiny.hdf5"), "--preset=smoke", "--awac_steps=300",
+              "--steps_per_call=10", "--eval_every=100", "--checkpoint_every=100", *TINY]
+    out = _train([*common, "--workdir", str(root / "straight")])
+    assert out.returncode == 0, out.stderr
+    return common, root / "straight"
+
+
 @pytest.mark.parametrize("kill_after_lines", [3, 14])  # before the first checkpoint, and after one
-def test_sigkill_then_rerun_keeps_the_metrics_of_an_uninterrupted_run(tmp_path, kill_after_lines):
-    data = _write_hopper_file(tmp_path / "tiny.hdf5")
-    common = ["--dataset", data, "--preset=smoke", "--awac_steps=300", "--steps_per_call=10",
-              "--eval_every=100", "--checkpoint_every=100", *TINY]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _train([*common, "--workdir", str(straight)]).returncode == 0
+def test_sigkill_then_rerun_keeps_the_metrics_of_an_uninterrupted_run(tmp_path, uninterrupted_300,
+                                                                      kill_after_lines):
+    common, straight = uninterrupted_300
+    killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "mb2po_jax.train", *common, "--workdir", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
