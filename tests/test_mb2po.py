@@ -1,6 +1,7 @@
 """MB2PO stage: one iteration's behaviour, the three-stage pipeline end to end, exact resume, memory refusal."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -220,8 +221,11 @@ def test_pipeline_caps_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_pa
 
     for penalty, uncertainty in penalties("capped"):
         np.testing.assert_allclose(penalty, lam * uncertainty, rtol=1e-4)
-    _, uncapped = _run(tmp_path / "uncapped", data, penalty_coef=1000.0, mb2po_iterations=1, mb2po_eval_every=1,
-                       max_penalty_share=0.0)
+    # With the cap off, from the same AWAC and dynamics (a copy, MB2PO restarted: its settings may change).
+    shutil.copytree(tmp_path / "capped", tmp_path / "uncapped")
+    uncapped = pipeline.Run(str(tmp_path / "uncapped"), data, None,
+                            _config(penalty_coef=1000.0, mb2po_iterations=1, mb2po_eval_every=1, max_penalty_share=0.0),
+                            log=lambda msg: None, restart_from="mb2po")()
     assert uncapped["final"]["mb2po"]["penalty_coef"] == [1000.0, 1000.0]
     for penalty, uncertainty in penalties("uncapped"):
         np.testing.assert_allclose(penalty, 1000.0 * uncertainty, rtol=1e-4)
