@@ -133,8 +133,10 @@ def test_three_stages_write_metrics_and_resume_exactly(tmp_path):
     assert len(results["final"]["mb2po"]["return"]) == 2
     assert json.loads((straight / "results.json").read_text())["final"]["mb2po"] == results["final"]["mb2po"]
 
-    # The same run in two processes' worth of calls: stop after 2 iterations, then extend to 4.
-    _run(split, data, mb2po_iterations=2)
+    # The same MB2PO stage in two calls, from the same AWAC and dynamics (a copy, MB2PO restarted): stop
+    # after 2 iterations, then extend to 4. Bit-for-bit equality also shows the restart left nothing behind.
+    shutil.copytree(straight, split)
+    pipeline.Run(str(split), data, None, _config(mb2po_iterations=2), log=lambda msg: None, restart_from="mb2po")()
     _, resumed = _run(split, data)
     a, meta_a = _mb2po_checkpoint(straight, run_a)
     b, meta_b = _mb2po_checkpoint(split, run_a)
