@@ -105,8 +105,9 @@ def test_memory_check_refuses_what_cannot_fit():
     parallel.check_fits(small, 11, 3, 4, available_bytes=24 * 2**30)
 
 
-def _run(workdir, data, **overrides):
-    run = pipeline.Run(str(workdir), data, None, _config(**overrides), log=lambda msg: None)
+def _run(workdir, data, restart_from=None, **overrides):
+    run = pipeline.Run(str(workdir), data, None, _config(**overrides), log=lambda msg: None,
+                       restart_from=restart_from)
     return run, run()
 
 
@@ -136,7 +137,7 @@ def test_three_stages_write_metrics_and_resume_exactly(tmp_path):
     # The same MB2PO stage in two calls, from the same AWAC and dynamics (a copy, MB2PO restarted): stop
     # after 2 iterations, then extend to 4. Bit-for-bit equality also shows the restart left nothing behind.
     shutil.copytree(straight, split)
-    pipeline.Run(str(split), data, None, _config(mb2po_iterations=2), log=lambda msg: None, restart_from="mb2po")()
+    _run(split, data, restart_from="mb2po", mb2po_iterations=2)
     _, resumed = _run(split, data)
     a, meta_a = _mb2po_checkpoint(straight, run_a)
     b, meta_b = _mb2po_checkpoint(split, run_a)
@@ -225,9 +226,8 @@ def test_pipeline_caps_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_pa
         np.testing.assert_allclose(penalty, lam * uncertainty, rtol=1e-4)
     # With the cap off, from the same AWAC and dynamics (a copy, MB2PO restarted: its settings may change).
     shutil.copytree(tmp_path / "capped", tmp_path / "uncapped")
-    uncapped = pipeline.Run(str(tmp_path / "uncapped"), data, None,
-                            _config(penalty_coef=1000.0, mb2po_iterations=1, mb2po_eval_every=1, max_penalty_share=0.0),
-                            log=lambda msg: None, restart_from="mb2po")()
+    _, uncapped = _run(tmp_path / "uncapped", data, restart_from="mb2po", penalty_coef=1000.0, mb2po_iterations=1,
+                       mb2po_eval_every=1, max_penalty_share=0.0)
     assert uncapped["final"]["mb2po"]["penalty_coef"] == [1000.0, 1000.0]
     for penalty, uncertainty in penalties("uncapped"):
         np.testing.assert_allclose(penalty, 1000.0 * uncertainty, rtol=1e-4)
