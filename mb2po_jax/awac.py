@@ -163,6 +163,18 @@ def critic_target(rewards: jax.Array, terminals: jax.Array, next_q: jax.Array, g
     return value_transform(backup, transform_eps)
 
 
+def bellman_target(state: AWACState, next_obs: jax.Array, rewards: jax.Array, terminals: jax.Array,
+                   key: jax.Array) -> jax.Array:
+    """The critics' regression target for a batch (single seed): `critic_target` with
+    Q'(s', a') = min_j Q'_j(s', a'), a' ~ pi(.|s') from `key`, the min over the target twins taken quantile by
+    quantile for the quantile critic. next_obs: normalised [B, o]; returns [B] (or [B, K])."""
+    config = state.config
+    actor, critic = actor_network(config, state.action_dim), critic_network(config)
+    next_actions = networks.tanh_gmm(*actor.apply(state.actor_params, next_obs)).sample(seed=key)
+    next_q = critic.apply(state.target_critic_params, next_obs, next_actions).min(0)
+    return critic_target(rewards, terminals, next_q, config.gamma, config.transform_eps)
+
+
 def quantile_huber_loss(quantiles: jax.Array, targets: jax.Array, kappa: float = 1.0) -> jax.Array:
     """Quantile regression loss of QR-DQN (Dabney et al. 2018, eq. 10): quantiles [..., K] predicted at
     tau_k = (2k - 1) / 2K, targets [..., M] samples of the target distribution -> [...]:
@@ -264,12 +276,7 @@ def update(state: AWACState, batch: Transitions, key: jax.Array) -> tuple[AWACSt
     next_key, pi_key = jax.random.split(key)
     batch_size = obs.shape[0]
 
-    # Target y = r + gamma (1 - done) min_j Q'_j(s', a'),  a' ~ pi(.|s') (per quantile for the quantile
-    # critic: the min over the twins is taken quantile by quantile).
-    next_dist = networks.tanh_gmm(*actor.apply(state.actor_params, next_obs))
-    next_actions = next_dist.sample(seed=next_key)
-    next_q = critic.apply(state.target_critic_params, next_obs, next_actions).min(0)
-    target = critic_target(batch.rewards, batch.terminals, next_q, config.gamma, config.transform_eps)
+    target = bellman_target(state, next_obs, batch.rewards, batch.terminals, next_key)
 
     # Actor forward over s, kept as a VJP: it gives log pi(a|s) (differentiated below, once the advantage
     # weights are known) and the baseline's action sample a_pi ~ pi(.|s) (not differentiated).

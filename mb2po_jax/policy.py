@@ -114,14 +114,16 @@ def awac_config(config: dict) -> awac.AWACConfig:
     return awac.AWACConfig(**values)
 
 
-def load_agent(source: PolicySource) -> awac.AWACState:
-    """The actor of one seed as an AWACState holding only `actor_params` and `normalizer` (the critics,
-    optimiser states and key are None: acting does not read them)."""
+def load_agent(source: PolicySource, critics: bool = False) -> awac.AWACState:
+    """The actor of one seed as an AWACState holding only `actor_params` and `normalizer`, plus
+    `critic_params` and `target_critic_params` with `critics=True` (to inspect the value estimates); the
+    rest (optimiser states, key, and the critics by default) is None: acting does not read it."""
     cfg = awac_config(source.config)
     spaces = env_spaces(source.env_id)
     one = jax.eval_shape(lambda: awac.init(jax.random.PRNGKey(0), spaces.obs_dim, spaces.act_dim, cfg))
     seeds = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((source.num_seeds, *x.shape), x.dtype), tree)
-    target = {"actor_params": seeds(one.actor_params), "normalizer": seeds(one.normalizer)}
+    fields = ("actor_params", "normalizer") + (("critic_params", "target_critic_params") if critics else ())
+    target = {name: seeds(getattr(one, name)) for name in fields}
     if source.stage in ("mb2po", "online"):  # MB2POState/OnlineState(agent, buffer, ...): not the ring
         target = {"agent": target}
     ckpt = Checkpointer(os.path.join(source.workdir, "checkpoints", source.stage), max_to_keep=None,
@@ -135,7 +137,8 @@ def load_agent(source: PolicySource) -> awac.AWACState:
         ckpt.close()
     restored = restored.get("agent", restored)
     mine = jax.tree.map(lambda x: x[source.seed], restored)
-    return awac.AWACState(actor_params=mine["actor_params"], critic_params=None, target_critic_params=None,
+    return awac.AWACState(actor_params=mine["actor_params"], critic_params=mine.get("critic_params"),
+                          target_critic_params=mine.get("target_critic_params"),
                           actor_opt_state=None, critic_opt_state=None, normalizer=mine["normalizer"],
                           key=None, step=None, config=cfg, action_dim=spaces.act_dim)
 

@@ -1,10 +1,24 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Tests run on the CPU, single-threaded XLA compilation is not required but keep memory modest.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One XLA compilation cache for the session, read by this process and by the training subprocesses the
+# end-to-end tests start (they inherit the environment): the tiny runs compile the same programs again
+# and again, and a hit skips XLA's compile (RESULTS.md "Costs of the README's commands"). A fresh
+# directory per session, removed at exit, so no entry outlives the code that made it. Set before JAX is
+# imported; a JAX_COMPILATION_CACHE_DIR of the caller's own is left as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="mb2po-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _xla_cache, True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """Getting a trained policy out of a workdir: `load_policy` and `mb2po-eval` on one tiny finished run."""
+import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 
 import mb2po_jax
 from mb2po_jax import awac, config as config_lib, mb2po, parallel, pipeline
+from mb2po_jax import policy as policy_lib
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.errors import ConfigError, Mb2poError, WorkdirError
 from test_pipeline import _write_hopper_file
@@ -148,3 +151,52 @@ def test_mb2po_eval_without_rendering_says_so_in_one_line(finished, tmp_path):
 
     out = _eval(tmp_path / "missing")
     assert out.returncode == 1 and out.stderr.splitlines() == [f"error: {tmp_path / 'missing'}: no such directory"]
+
+
+def _critic_check():
+    """experiments/critic_check.py as a module (experiments/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "critic_check.py"
+    spec = importlib.util.spec_from_file_location("critic_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_critic_check_reads_the_training_critics(finished, tmp_path):
+    workdir, run = finished
+    check = _critic_check()
+    agents = _training_states(workdir, run)["mb2po"]
+    loaded = policy_lib.load_agent(policy_lib.find_policy(workdir, "mb2po", seed=1), critics=True)
+    for name in ("critic_params", "target_critic_params"):
+        for x, y in zip(jax.tree.leaves(getattr(loaded, name)), jax.tree.leaves(getattr(agents, name))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y)[1])
+    assert policy_lib.load_agent(policy_lib.find_policy(workdir, "mb2po")).critic_params is None
+
+    report = check.check(str(workdir), "mb2po", num_rows=10**6)  # more rows than the file: every row
+    data = run.dataset.transitions  # Hopper acts in [-1, 1]: the policy's scale
+    q = awac.critic_values(jax.vmap(lambda a: awac.critic_network(a.config).apply(
+        a.critic_params, a.normalizer(data.observations), data.actions))(agents), run.config.awac).min(1)
+    assert report["rows"] == len(data.rewards) and len(report["seeds"]) == 2
+    for seed, figures in enumerate(report["seeds"]):
+        assert figures["q_mean"] == pytest.approx(float(q[seed].mean()), rel=1e-4, abs=1e-5)
+        assert figures["q_min"] == pytest.approx(float(q[seed].min()), rel=1e-4, abs=1e-5)
+
+    out = subprocess.run([sys.executable, str(pathlib.Path(check.__file__)), str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"critic_check: {tmp_path / 'missing'}: no such directory"]
+
+
+def test_critic_check_flags_the_rows_whose_values_no_return_can_reach():
+    summarise = _critic_check().summarise
+    q = np.linspace(-10.0, 10.0, 1000)
+    rows = np.arange(1000) + 7
+    clean = summarise(q, q + 0.1, rows, (-1.0, 2.0), gamma=0.99)  # returns in [-100, 200]
+    assert clean["outside_fraction"] == 0 and clean["furthest"] == []
+    assert clean["worst_1pct_share"] == pytest.approx(0.01)  # equal errors: the worst 1 % hold 1 %
+
+    q[[3, 500, 900]] = [-5000.0, 700.0, -800.0]  # 4900, 500 and 700 beyond the range
+    diverged = summarise(q, np.linspace(-10.0, 10.0, 1000), rows, (-1.0, 2.0), gamma=0.99)
+    assert diverged["outside_fraction"] == pytest.approx(0.003)
+    assert [f["row"] for f in diverged["furthest"]] == [10, 907, 507]
+    assert diverged["q_min"] == -5000.0 and diverged["worst_1pct_share"] > 0.99
