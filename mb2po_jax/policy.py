@@ -5,7 +5,8 @@
     actions = policy(batch_of_obs, jax.random.PRNGKey(0))      # [N, obs_dim] -> [N, act_dim], sampled
 
 What is read: config.json (the AWAC network settings, the environment, the number of seeds) and, from the
-stage's newest checkpoint, the actor's parameters and the observation normaliser only (a partial restore).
+stage's newest checkpoint, the actor's parameters and the observation normaliser only (a partial restore;
+`load_agent(source, critics=True)` adds the critics and target critics, for experiments/critic_check.py).
 An MB2PO checkpoint also holds the model ring, about 40 GB at the paper preset: it stays on disk, as do
 the critics and optimiser states. Actions come out in the environment's units: the tanh policy acts in
 [-1, 1], mapped onto the environment's Box bounds as training's evaluation maps them.

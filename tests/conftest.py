@@ -13,8 +13,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # end-to-end tests start (they inherit the environment): the tiny runs compile the same programs again
 # and again, and a hit skips XLA's compile (RESULTS.md "Costs of the README's commands"). A fresh
 # directory per session, removed at exit, so no entry outlives the code that made it. Set before JAX is
-# imported; a JAX_COMPILATION_CACHE_DIR of the caller's own is left as it is.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# imported; a JAX_COMPILATION_CACHE_DIR of the caller's own is left as it is. MB2PO_TESTS_XLA_CACHE=0 turns it
+# off: on some AVX-512 CPUs XLA:CPU rejects its own cached entries (jax-ml/jax#38445), which then only adds
+# log lines to the subprocesses' stderr.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("MB2PO_TESTS_XLA_CACHE", "1") != "0":
     _xla_cache = tempfile.mkdtemp(prefix="mb2po-tests-xla-cache-")
     atexit.register(shutil.rmtree, _xla_cache, True)
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

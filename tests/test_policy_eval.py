@@ -1,4 +1,5 @@
-"""Getting a trained policy out of a workdir: `load_policy` and `mb2po-eval` on one tiny finished run."""
+"""Getting a trained policy (and its critics) out of a workdir: `load_policy`, `mb2po-eval` and
+experiments/critic_check.py on one tiny finished run."""
 import importlib.util
 import json
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import mb2po_jax
-from mb2po_jax import awac, config as config_lib, mb2po, parallel, pipeline
+from mb2po_jax import awac, config as config_lib, mb2po, networks, parallel, pipeline
 from mb2po_jax import policy as policy_lib
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.errors import ConfigError, Mb2poError, WorkdirError
@@ -172,31 +173,71 @@ def test_critic_check_reads_the_training_critics(finished, tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y)[1])
     assert policy_lib.load_agent(policy_lib.find_policy(workdir, "mb2po")).critic_params is None
 
-    report = check.check(str(workdir), "mb2po", num_rows=10**6)  # more rows than the file: every row
+    report = check.check(str(workdir), "mb2po", num_rows=10**6, chunk=500)  # every row, in 3 calls
     data = run.dataset.transitions  # Hopper acts in [-1, 1]: the policy's scale
-    q = awac.critic_values(jax.vmap(lambda a: awac.critic_network(a.config).apply(
-        a.critic_params, a.normalizer(data.observations), data.actions))(agents), run.config.awac).min(1)
+    q = np.asarray(jax.vmap(lambda a: awac.critic_network(a.config).apply(
+        a.critic_params, a.normalizer(data.observations), data.actions))(agents))  # [seeds, twins, rows]
     assert report["rows"] == len(data.rewards) and len(report["seeds"]) == 2
     for seed, figures in enumerate(report["seeds"]):
-        assert figures["q_mean"] == pytest.approx(float(q[seed].mean()), rel=1e-4, abs=1e-5)
+        assert figures["q_mean"] == pytest.approx(float(q[seed].min(0).mean()), rel=1e-4, abs=1e-5)
         assert figures["q_min"] == pytest.approx(float(q[seed].min()), rel=1e-4, abs=1e-5)
+        assert figures["q_max"] == pytest.approx(float(q[seed].max()), rel=1e-4, abs=1e-5)
+    lines = check.table(report).splitlines()
+    assert len(lines) == 5 and lines[3].startswith("| 0 |") and lines[4].startswith("| 1 |")
 
     out = subprocess.run([sys.executable, str(pathlib.Path(check.__file__)), str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.splitlines() == [f"critic_check: {tmp_path / 'missing'}: no such directory"]
+    assert out.stderr.splitlines() == [f"error: {tmp_path / 'missing'}: no such directory"]
+
+
+@pytest.mark.parametrize("critic,transform", [("twin", False), ("quantile", True)])
+def test_critic_check_values_are_in_return_units(critic, transform):
+    """Q and the target by hand: h^-1 of each output (value transform), the mean over quantiles, the
+    target from the target twins' min at a' ~ pi(.|s') (target parameters made unlike the critics')."""
+    check = _critic_check()
+    cfg = awac.AWACConfig(actor_hidden_dims=(16,), critic_hidden_dims=(16,), critic=critic,
+                          value_transform=transform, num_quantiles=4)
+    agent = awac.init(jax.random.PRNGKey(0), 5, 2, cfg)
+    agent = agent.replace(target_critic_params=jax.tree.map(lambda x: 1.5 * x + 0.1, agent.critic_params))
+    rng = np.random.default_rng(0)
+    obs, next_obs = rng.normal(size=(2, 64, 5)).astype(np.float32)
+    act = rng.uniform(-0.9, 0.9, size=(64, 2)).astype(np.float32)
+    rewards, done = rng.normal(size=64).astype(np.float32), (rng.uniform(size=64) < 0.3).astype(np.float32)
+    key = jax.random.PRNGKey(3)
+    q, y = check.q_and_target(agent, obs, act, rewards, done, next_obs, key)
+
+    net, actor = awac.critic_network(cfg), awac.actor_network(cfg, 2)
+    to_return = ((lambda v: np.asarray(awac.inverse_value_transform(v, cfg.transform_eps))) if transform
+                 else np.asarray)
+    mean_k = (lambda v: v.mean(-1)) if critic == "quantile" else (lambda v: v)
+    a_next = networks.tanh_gmm(*actor.apply(agent.actor_params, agent.normalizer(next_obs))).sample(seed=key)
+    next_q = np.asarray(net.apply(agent.target_critic_params, agent.normalizer(next_obs), a_next)).min(0)
+    expected_q = mean_k(to_return(np.asarray(net.apply(agent.critic_params, agent.normalizer(obs), act))))
+    expected_y = rewards + cfg.gamma * (1 - done) * mean_k(to_return(next_q))
+    np.testing.assert_allclose(np.asarray(q), expected_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(y), expected_y, rtol=1e-4, atol=1e-4)
 
 
 def test_critic_check_flags_the_rows_whose_values_no_return_can_reach():
-    summarise = _critic_check().summarise
-    q = np.linspace(-10.0, 10.0, 1000)
-    rows = np.arange(1000) + 7
-    clean = summarise(q, q + 0.1, rows, (-1.0, 2.0), gamma=0.99)  # returns in [-100, 200]
-    assert clean["outside_fraction"] == 0 and clean["furthest"] == []
-    assert clean["worst_1pct_share"] == pytest.approx(0.01)  # equal errors: the worst 1 % hold 1 %
+    check = _critic_check()
+    assert check.return_range(np.array([-1.0, 2.0]), 0.99) == pytest.approx((-100.0, 200.0))
+    assert check.return_range(np.array([0.5, 2.0]), 0.99) == pytest.approx((0.5, 200.0))  # may end at once
+    assert check.return_range(np.array([-3.0, -1.0]), 0.99) == pytest.approx((-300.0, -1.0))
 
-    q[[3, 500, 900]] = [-5000.0, 700.0, -800.0]  # 4900, 500 and 700 beyond the range
-    diverged = summarise(q, np.linspace(-10.0, 10.0, 1000), rows, (-1.0, 2.0), gamma=0.99)
-    assert diverged["outside_fraction"] == pytest.approx(0.003)
-    assert [f["row"] for f in diverged["furthest"]] == [10, 907, 507]
-    assert diverged["q_min"] == -5000.0 and diverged["worst_1pct_share"] > 0.99
+    twins = np.stack([np.linspace(-10.0, 10.0, 1000), np.linspace(-9.0, 11.0, 1000)])
+    rows = np.arange(1000) + 7
+    y = np.linspace(-9.5, 10.5, 1000)
+    clean = check.summarise(twins, y, rows, (-100.0, 200.0))
+    assert clean["outside_fraction"] == 0 and clean["furthest"] == [] and clean["nonfinite"] == 0
+    assert clean["td_mse"] == pytest.approx(0.5) and clean["worst_1pct_share"] == pytest.approx(0.01)
+
+    q = twins.copy()
+    q[0, 3], q[1, 900], q[0, 500] = -5000.0, 700.0, np.nan  # one twin down, the other twin up, one NaN
+    flagged = check.summarise(q, y, rows, (-100.0, 200.0))
+    assert flagged["outside_fraction"] == pytest.approx(0.003) and flagged["nonfinite"] == 1
+    assert [(f["row"], f["q"]) for f in flagged["furthest"]][1:] == [(10, -5000.0), (907, 700.0)]
+    assert flagged["furthest"][0]["row"] == 507  # the NaN row first: furthest of all
+    assert flagged["outside_rows"] == [10, 507, 907] and clean["outside_rows"] == []
+    assert flagged["q_min"] == -5000.0 and flagged["q_max"] == 700.0
+    assert flagged["worst_1pct_share"] > 0.99 and flagged["outside_share"] > 0.99
