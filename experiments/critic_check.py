@@ -112,7 +112,8 @@ def check(workdir: str, stage: str | None, num_rows: int, seed: int = 0, chunk: 
             r = rows[start:start + chunk]
             batch = [jnp.asarray(x[r], jnp.float32) for x in
                      (data.observations, actions, data.rewards, data.terminals, data.next_observations)]
-            parts.append([np.asarray(x) for x in q_and_target(agent, *batch, jax.random.PRNGKey(seed))])
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), start)  # a' drawn afresh in every chunk
+            parts.append([np.asarray(x) for x in q_and_target(agent, *batch, key)])
         q, y = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts])
         seeds.append(summarise(q, y, rows, return_range(data.rewards, agent.config.gamma)))
     return {"workdir": source.workdir, "stage": source.stage, "step": source.step, "dataset": dataset,
