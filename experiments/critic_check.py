@@ -22,7 +22,6 @@ seed:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ from mb2po_jax import awac, networks
 from mb2po_jax.data import load_dataset
 from mb2po_jax.data.envs import env_spaces
 from mb2po_jax.errors import Mb2poError, WorkdirError
-from mb2po_jax.policy import find_policy, load_agent
+from mb2po_jax.policy import find_policy, load_agents, seed_of
 
 
 @jax.jit
@@ -104,9 +103,10 @@ def check(workdir: str, stage: str | None, num_rows: int, seed: int = 0, chunk: 
     actions = data.actions if spaces.unit_actions else spaces.to_unit_actions(data.actions)
     rows = np.sort(np.random.default_rng(seed).choice(len(data.rewards), min(num_rows, len(data.rewards)),
                                                       replace=False))
+    agents = load_agents(source, critics=True)  # the checkpoint find_policy chose, every seed
     seeds = []
-    for s in range(source.num_seeds):  # the checkpoint find_policy chose, for every seed
-        agent = load_agent(dataclasses.replace(source, seed=s), critics=True)
+    for s in range(source.num_seeds):
+        agent = seed_of(agents, s)
         parts = []
         for start in range(0, len(rows), chunk):
             r = rows[start:start + chunk]

@@ -115,10 +115,11 @@ def awac_config(config: dict) -> awac.AWACConfig:
     return awac.AWACConfig(**values)
 
 
-def load_agent(source: PolicySource, critics: bool = False) -> awac.AWACState:
-    """The actor of one seed as an AWACState holding only `actor_params` and `normalizer`, plus
-    `critic_params` and `target_critic_params` with `critics=True` (to inspect the value estimates); the
-    rest (optimiser states, key, and the critics by default) is None: acting does not read it."""
+def load_agents(source: PolicySource, critics: bool = False) -> awac.AWACState:
+    """Every seed's actor of `source`'s checkpoint, read once, as one AWACState whose arrays lead with the
+    seed axis [S]: `actor_params` and `normalizer`, plus `critic_params` and `target_critic_params` with
+    `critics=True` (to inspect the value estimates); the rest (optimiser states, key, and the critics by
+    default) is None: acting does not read it. `source.seed` is not read."""
     cfg = awac_config(source.config)
     spaces = env_spaces(source.env_id)
     one = jax.eval_shape(lambda: awac.init(jax.random.PRNGKey(0), spaces.obs_dim, spaces.act_dim, cfg))
@@ -137,11 +138,20 @@ def load_agent(source: PolicySource, critics: bool = False) -> awac.AWACState:
     finally:
         ckpt.close()
     restored = restored.get("agent", restored)
-    mine = jax.tree.map(lambda x: x[source.seed], restored)
-    return awac.AWACState(actor_params=mine["actor_params"], critic_params=mine.get("critic_params"),
-                          target_critic_params=mine.get("target_critic_params"),
-                          actor_opt_state=None, critic_opt_state=None, normalizer=mine["normalizer"],
+    return awac.AWACState(actor_params=restored["actor_params"], critic_params=restored.get("critic_params"),
+                          target_critic_params=restored.get("target_critic_params"),
+                          actor_opt_state=None, critic_opt_state=None, normalizer=restored["normalizer"],
                           key=None, step=None, config=cfg, action_dim=spaces.act_dim)
+
+
+def seed_of(agents: awac.AWACState, seed: int) -> awac.AWACState:
+    """Seed `seed` of `load_agents`' [S] state (its None fields stay None)."""
+    return jax.tree.map(lambda x: x[seed], agents)
+
+
+def load_agent(source: PolicySource, critics: bool = False) -> awac.AWACState:
+    """Seed `source.seed` of `load_agents(source, critics)`."""
+    return seed_of(load_agents(source, critics), source.seed)
 
 
 @jax.jit

@@ -172,6 +172,9 @@ def test_critic_check_reads_the_training_critics(finished, tmp_path):
         for x, y in zip(jax.tree.leaves(getattr(loaded, name)), jax.tree.leaves(getattr(agents, name))):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y)[1])
     assert policy_lib.load_agent(policy_lib.find_policy(workdir, "mb2po")).critic_params is None
+    every = policy_lib.load_agents(policy_lib.find_policy(workdir, "mb2po"))  # [S], one read
+    for x, y in zip(jax.tree.leaves(every.actor_params), jax.tree.leaves(agents.actor_params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     report = check.check(str(workdir), "mb2po", num_rows=10**6, chunk=500)  # every row, in 3 calls
     data = run.dataset.transitions  # Hopper acts in [-1, 1]: the policy's scale
