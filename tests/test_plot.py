@@ -76,3 +76,16 @@ def test_curve_script_help():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "curve.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "WORKDIR/metrics.jsonl" in out.stdout and not out.stderr
+
+
+def test_curve_script_adds_the_training_metrics_of_each_evaluations_step(tmp_path):
+    a = _fake_workdir(tmp_path / "a", [[10.0, 20.0]], [[50.0, 60.0], [70.0, 90.0]])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "curve.py"), a,
+                          "--metrics", "rollout_mean_uncertainty,critic_loss"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and not out.stderr
+    rows = out.stdout.splitlines()
+    assert rows[0] == "| stage | step | return | normalised score | rollout_mean_uncertainty | critic_loss |"
+    assert rows[2:] == ["| awac | 100 | 15.0 (10.0, 20.0) | 15.0 (10.0, 20.0) |  | 1 (1, 1) |",
+                        "| mb2po | 2 | 55.0 (50.0, 60.0) | 55.0 (50.0, 60.0) | 2 (2, 2) |  |",
+                        "| mb2po | 4 | 80.0 (70.0, 90.0) | 80.0 (70.0, 90.0) | 4 (4, 4) |  |"]
