@@ -1,0 +1,67 @@
+"""Does a finished ensemble end imagined episodes as often as the data does, one step from the data's pairs?
+
+    MB2PO_DATA_DIR=... python experiments/termination_check.py WORKDIR DATASET
+
+For each seed of WORKDIR's finished dynamics stage (a `cpu`-preset workdir of DATASET, a hopper or walker2d
+dataset): one model step from ~50,000 of the dataset's own (s, a) pairs (every k-th row), a uniformly drawn
+member as the rollouts draw, the next state sampled (as the rollouts do) and the drawn member's mean; the
+environment's termination function on each, against the dataset's terminal rate on the same rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mb2po_jax import config as config_lib, dynamics as dyn, pipeline, rollout as ro, termination
+from mb2po_jax.errors import Mb2poError
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    if len(argv) != 2:
+        print("usage: " + __doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    try:
+        check(*argv)
+    except (Mb2poError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check(workdir: str, dataset: str) -> None:
+    with open(os.path.join(workdir, "config.json")) as f:
+        was = json.load(f)["config"]  # the run's seeds and MB2PO settings, so the workdir's check accepts it
+    overrides = {"num_seeds": was["num_seeds"], "seed": was["seed"],
+                 **{flag: was["mb2po"][field] for flag, field in config_lib.MB2PO_FLAGS.items()}}
+    recorded = config_lib.make_config("cpu", overrides, task=config_lib.task_defaults(dataset))
+    run = pipeline.Run(workdir, dataset, None, recorded, log=lambda m: None)
+    models = run.finished_dynamics()
+    data = run.dataset.transitions
+    rows = np.arange(0, len(data.rewards), max(1, len(data.rewards) // 50_000))
+    obs, act = (jnp.asarray(x[rows], jnp.float32) for x in (data.observations, data.actions))  # [-1, 1] actions
+    done = termination.termination_fn_for(run.env_id)
+    print(f"{dataset}: {len(rows)} rows, terminal rate in the data {data.terminals[rows].mean():.4f}")
+    for s in range(jax.tree.leaves(models)[0].shape[0]):
+        one = jax.tree.map(lambda x: x[s], models)
+        members, _ = ro.member_sets(one, recorded.mb2po.rollout_config())
+        params = dyn.take_members(one.params, members)
+        key = jax.random.PRNGKey(s)
+        drawn = jax.random.randint(key, (len(rows),), 0, len(members))
+        eps = jax.random.normal(jax.random.fold_in(key, 1), (one.obs_dim + 1, len(rows)))
+        sampled, _, _ = ro.model_step(obs, act, one, params, drawn, eps, penalty="max_std")
+        mean, _, _ = ro.model_step(obs, act, one, params, drawn, jnp.zeros_like(eps), penalty="max_std")
+        t_sampled, t_mean = np.asarray(done(obs, act, sampled)), np.asarray(done(obs, act, mean))
+        print(f"seed {s}: imagined terminal rate {t_sampled.mean():.4f} (sampled s'), {t_mean.mean():.4f} "
+              f"(mean s'); of the data's terminal rows, imagined terminal {t_sampled[data.terminals[rows] > 0].mean():.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
