@@ -6,9 +6,8 @@ For each seed of WORKDIR's finished dynamics stage (a `cpu`-preset workdir of DA
 dataset): one model step from ~50,000 of the dataset's own (s, a) pairs (every k-th row), a uniformly drawn
 member as the rollouts draw, the next state sampled (as the rollouts do) and the drawn member's mean; the
 environment's termination function on each, against the dataset's terminal rate on the same rows. Then
-h-step rollouts (h = the run's horizon) of the AWAC stage's policy (sampled, as the rollouts act) from the
-same rows: the share of the still-running trajectories that terminate at each step, and the same for the
-data's own action at step 1.
+h-step rollouts (h = the run's horizon; `rollout.rollout`, as MB2PO collects) of the AWAC stage's policy
+from the same rows: the share of the still-running trajectories that terminate at each step.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mb2po_jax import awac, config as config_lib, dynamics as dyn, pipeline, rollout as ro, termination
+from mb2po_jax import config as config_lib, dynamics as dyn, mb2po, pipeline, rollout as ro, termination
 from mb2po_jax.policy import find_policy, load_agents, seed_of
 from mb2po_jax.errors import Mb2poError
 
@@ -54,6 +53,7 @@ def check(workdir: str, dataset: str) -> None:
     done = termination.termination_fn_for(run.env_id)
     print(f"{dataset}: {len(rows)} rows, terminal rate in the data {data.terminals[rows].mean():.4f}")
     agents = load_agents(find_policy(workdir, "awac"))
+    rollout_fn = ro.make_rollout_fn(mb2po.policy_sample, done, recorded.mb2po.rollout_config())  # one compile
     for s in range(jax.tree.leaves(models)[0].shape[0]):
         one = jax.tree.map(lambda x: x[s], models)
         members, _ = ro.member_sets(one, recorded.mb2po.rollout_config())
@@ -66,17 +66,11 @@ def check(workdir: str, dataset: str) -> None:
         t_sampled, t_mean = np.asarray(done(obs, act, sampled)), np.asarray(done(obs, act, mean))
         print(f"seed {s}: imagined terminal rate {t_sampled.mean():.4f} (sampled s'), {t_mean.mean():.4f} "
               f"(mean s'); of the data's terminal rows, imagined terminal {t_sampled[data.terminals[rows] > 0].mean():.3f}")
-        agent = seed_of(agents, s)
-        state, alive, rates = obs, np.ones(len(rows), bool), []
-        for step in range(recorded.mb2po.horizon):
-            k = jax.random.fold_in(key, 100 + step)
-            a = awac.act(agent, state, jax.random.fold_in(k, 0))
-            drawn = jax.random.randint(jax.random.fold_in(k, 1), (len(rows),), 0, len(members))
-            eps = jax.random.normal(jax.random.fold_in(k, 2), (one.obs_dim + 1, len(rows)))
-            state, _, _ = ro.model_step(state, a, one, params, drawn, eps, penalty="max_std")
-            ended = np.asarray(done(obs, a, state)) & alive
-            rates.append(ended.sum() / max(alive.sum(), 1))
-            alive &= ~ended
+        # the AWAC policy's h-step rollouts from the same rows, by the engine MB2PO collects with
+        imagined, valid, _ = rollout_fn(jax.random.fold_in(key, 2), seed_of(agents, s), one, obs)
+        ended = np.asarray(imagined.terminals).reshape(recorded.mb2po.horizon, -1) > 0  # row t * B + b
+        running = np.asarray(valid).reshape(recorded.mb2po.horizon, -1)  # a trajectory's last row is valid
+        rates = (ended & running).sum(1) / np.maximum(running.sum(1), 1)
         print(f"  AWAC policy, h = {recorded.mb2po.horizon}: terminal share of the running per step "
               + " ".join(f"{r:.4f}" for r in rates))
 
