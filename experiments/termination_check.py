@@ -2,12 +2,13 @@
 
     MB2PO_DATA_DIR=... python experiments/termination_check.py WORKDIR DATASET
 
-For each seed of WORKDIR's finished dynamics stage (a `cpu`-preset workdir of DATASET, a hopper or walker2d
-dataset): one model step from ~50,000 of the dataset's own (s, a) pairs (every k-th row), a uniformly drawn
-member as the rollouts draw, the next state sampled (as the rollouts do) and the drawn member's mean; the
-environment's termination function on each, against the dataset's terminal rate on the same rows. Then
-h-step rollouts (h = the run's horizon; `rollout.rollout`, as MB2PO collects) of the AWAC stage's policy
-from the same rows: the share of the still-running trajectories that terminate at each step.
+For each seed of WORKDIR's finished dynamics stage (a workdir of DATASET, a hopper or walker2d dataset;
+read with the settings it records, never written): one model step from ~50,000 of the dataset's own (s, a)
+pairs (every k-th row), a uniformly drawn member as the rollouts draw, the next state sampled (as the
+rollouts do) and the drawn member's mean; the environment's termination function on each, against the
+dataset's terminal rate on the same rows. Then h-step rollouts (h = the run's horizon; `rollout.rollout`,
+as MB2PO collects) of the AWAC stage's policy from the same rows: the share of the still-running
+trajectories that terminate at each step.
 """
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ def main(argv: list[str]) -> int:
 
 def check(workdir: str, dataset: str) -> None:
     with open(os.path.join(workdir, "config.json")) as f:
-        was = json.load(f)["config"]  # the run's seeds and MB2PO settings, so the workdir's check accepts it
-    overrides = {"num_seeds": was["num_seeds"], "seed": was["seed"],
-                 **{flag: was["mb2po"][field] for flag, field in config_lib.MB2PO_FLAGS.items()}}
-    recorded = config_lib.make_config("cpu", overrides, task=config_lib.task_defaults(dataset))
-    run = pipeline.Run(workdir, dataset, None, recorded, log=lambda m: None)
-    models = run.finished_dynamics()
+        recorded = config_lib.from_dict(json.load(f)["config"])  # the settings the workdir was trained with
+    run = pipeline.Run(workdir, dataset, None, recorded, log=lambda m: None, record=False)  # reads only
+    try:
+        models = run.finished_dynamics()
+    finally:
+        run.close()
     data = run.dataset.transitions
     rows = np.arange(0, len(data.rewards), max(1, len(data.rewards) // 50_000))
     obs, act = (jnp.asarray(x[rows], jnp.float32) for x in (data.observations, data.actions))  # [-1, 1] actions
@@ -64,8 +65,10 @@ def check(workdir: str, dataset: str) -> None:
         sampled, _, _ = ro.model_step(obs, act, one, params, drawn, eps, penalty="max_std")
         mean, _, _ = ro.model_step(obs, act, one, params, drawn, jnp.zeros_like(eps), penalty="max_std")
         t_sampled, t_mean = np.asarray(done(obs, act, sampled)), np.asarray(done(obs, act, mean))
+        caught = t_sampled[data.terminals[rows] > 0]
         print(f"seed {s}: imagined terminal rate {t_sampled.mean():.4f} (sampled s'), {t_mean.mean():.4f} "
-              f"(mean s'); of the data's terminal rows, imagined terminal {t_sampled[data.terminals[rows] > 0].mean():.3f}")
+              f"(mean s'); of the data's terminal rows, imagined terminal "
+              + (f"{caught.mean():.3f}" if caught.size else "- (none in these rows)"))
         # the AWAC policy's h-step rollouts from the same rows, by the engine MB2PO collects with
         imagined, valid, _ = rollout_fn(jax.random.fold_in(key, 2), seed_of(agents, s), one, obs)
         ended = np.asarray(imagined.terminals).reshape(recorded.mb2po.horizon, -1) > 0  # row t * B + b

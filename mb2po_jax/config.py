@@ -228,6 +228,28 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def from_dict(recorded: Mapping[str, Any]) -> RunConfig:
+    """The RunConfig a `to_dict` view records (config.json's "config"): lists back to tuples; fields it
+    lacks get `ADDED_FIELDS`' values, then the dataclass defaults. For tools that reopen a finished workdir
+    with exactly the settings it was trained with."""
+    recorded = with_added_fields(dict(recorded))
+    classes = {"awac": AWACConfig, "dynamics": DynamicsConfig, "mb2po": MB2POConfig, "online": OnlineConfig}
+
+    def build(cls, values: Mapping[str, Any], **sections):
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"recorded configuration: unknown field(s) {sorted(unknown)} of {cls.__name__}")
+        return cls(**{k: _tuples(v) for k, v in values.items()}, **sections)
+
+    sections = {name: build(cls, recorded.get(name) or {}) for name, cls in classes.items()}
+    return build(RunConfig, {k: v for k, v in recorded.items() if k not in SECTIONS}, **sections).validate()
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the config dataclasses hold (nested ones too)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def identity(config: RunConfig) -> dict[str, Any]:
     """The settings that define what a run's checkpoints are: seed, seed count and every section's fields
     except its schedule (step counts, evaluation and checkpoint intervals may change to extend a run). A

@@ -283,11 +283,14 @@ class Run:
     """One `mb2po-train` invocation over a workdir, which it holds (WORKDIR/.lock) until `__call__` returns
     or `close()`. layout: (mesh, rollout mesh) as `sharding.cpu_layout` gives them; default:
     `sharding.run_mesh(num_seeds)` over every device, and no rollout mesh. restart_from: a stage whose
-    checkpoints, results and metrics are deleted, with those of the stages after it, before the run."""
+    checkpoints, results and metrics are deleted, with those of the stages after it, before the run.
+    record=False: a tool that only reads a finished workdir (experiments/termination_check.py, with the
+    workdir's own config, `config_lib.from_dict`) leaves its config.json as training wrote it."""
 
     def __init__(self, workdir: str, dataset: str | None, env: str | None, config: config_lib.RunConfig,
                  *, preset: str = "custom", log: Callable[[str], None] | None = None,
-                 layout: tuple[Mesh | None, Mesh | None] | None = None, restart_from: str | None = None):
+                 layout: tuple[Mesh | None, Mesh | None] | None = None, restart_from: str | None = None,
+                 record: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.config = config.validate()
         if restart_from is not None and restart_from not in config_lib.STAGES:
@@ -316,7 +319,7 @@ class Run:
                                                   share=self._memory_share())
             identity = self._check_config(dataset, env)
             self._check_later_stages()
-            if self.is_chief:  # recorded once every check has passed
+            if self.is_chief and record:  # recorded once every check has passed
                 _write_json_atomic(os.path.join(self.workdir, "config.json"), {
                     "identity": identity, "preset": self.preset, "config": config_lib.to_dict(self.config),
                     "dataset_path": self.dataset.path})

@@ -154,10 +154,10 @@ def test_mb2po_eval_without_rendering_says_so_in_one_line(finished, tmp_path):
     assert out.returncode == 1 and out.stderr.splitlines() == [f"error: {tmp_path / 'missing'}: no such directory"]
 
 
-def _critic_check():
-    """experiments/critic_check.py as a module (experiments/ is not a package)."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "critic_check.py"
-    spec = importlib.util.spec_from_file_location("critic_check", path)
+def _experiment(name: str):
+    """experiments/<name>.py as a module (experiments/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -165,7 +165,7 @@ def _critic_check():
 
 def test_critic_check_reads_the_training_critics(finished, tmp_path):
     workdir, run = finished
-    check = _critic_check()
+    check = _experiment("critic_check")
     agents = _training_states(workdir, run)["mb2po"]
     loaded = policy_lib.load_agent(policy_lib.find_policy(workdir, "mb2po", seed=1), critics=True)
     for name in ("critic_params", "target_critic_params"):
@@ -198,7 +198,7 @@ def test_critic_check_reads_the_training_critics(finished, tmp_path):
 def test_critic_check_values_are_in_return_units(critic, transform):
     """Q and the target by hand: h^-1 of each output (value transform), the mean over quantiles, the
     target from the target twins' min at a' ~ pi(.|s') (target parameters made unlike the critics')."""
-    check = _critic_check()
+    check = _experiment("critic_check")
     cfg = awac.AWACConfig(actor_hidden_dims=(16,), critic_hidden_dims=(16,), critic=critic,
                           value_transform=transform, num_quantiles=4)
     agent = awac.init(jax.random.PRNGKey(0), 5, 2, cfg)
@@ -223,7 +223,7 @@ def test_critic_check_values_are_in_return_units(critic, transform):
 
 
 def test_critic_check_flags_the_rows_whose_values_no_return_can_reach():
-    check = _critic_check()
+    check = _experiment("critic_check")
     assert check.return_range(np.array([-1.0, 2.0]), 0.99) == pytest.approx((-100.0, 200.0))
     assert check.return_range(np.array([0.5, 2.0]), 0.99) == pytest.approx((0.5, 200.0))  # may end at once
     assert check.return_range(np.array([-3.0, -1.0]), 0.99) == pytest.approx((-300.0, -1.0))
@@ -244,3 +244,18 @@ def test_critic_check_flags_the_rows_whose_values_no_return_can_reach():
     assert flagged["outside_rows"] == [10, 507, 907] and clean["outside_rows"] == []
     assert flagged["q_min"] == -5000.0 and flagged["q_max"] == 700.0
     assert flagged["worst_1pct_share"] > 0.99 and flagged["outside_share"] > 0.99
+
+
+def test_termination_check_reads_a_workdir_without_writing_it(finished, capsys):
+    """experiments/termination_check.py reopens the workdir with its own recorded settings
+    (`config_lib.from_dict`) and leaves config.json as training wrote it (it once rewrote it as a
+    one-stage custom run); one report line pair per seed."""
+    workdir, run = finished
+    before = (workdir / "config.json").read_bytes()
+    recorded = json.loads(before)["config"]
+    assert config_lib.to_dict(config_lib.from_dict(recorded)) == config_lib.to_dict(run.config)
+    _experiment("termination_check").check(str(workdir), run.dataset.path)
+    out = capsys.readouterr().out.splitlines()
+    assert (workdir / "config.json").read_bytes() == before
+    assert [line.split(":")[0] for line in out if line.startswith("seed ")] == ["seed 0", "seed 1"]
+    assert sum("AWAC policy, h = 5" in line for line in out) == 2
