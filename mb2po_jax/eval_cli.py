@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.video and "MUJOCO_GL" not in os.environ:
         os.environ["MUJOCO_GL"] = "egl"  # headless; read once, when mujoco is first imported (below)
 
+    import jax
+
     from mb2po_jax import policy as policy_lib
+    from mb2po_jax.data.envs import env_spaces
     from mb2po_jax.data import normalized_score
     from mb2po_jax.evaluation import evaluate
 
@@ -146,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{'' if source.finished else ', not finished'}), {source.env_id}: {episodes} episode(s) of at "
              f"most {max_steps} steps")
         started = time.perf_counter()
-        policy = policy_lib.make_policy(source)
+        policy = policy_lib.make_policy(source)  # for the video
+        agent = policy_lib.load_agents(source)  # [S]: this seed's row, acting as training evaluates it
+        act_fn = policy_lib.evaluation_act_fn(jax.tree.map(lambda x: x[source.seed:source.seed + 1], agent),
+                                              env_spaces(source.env_id))
         reset_seed = int(cfg.get("seed", 0)) + EVAL_SEED_OFFSET
-        result = evaluate(lambda obs: np.asarray(policy(obs[0]))[None], source.env_id, num_seeds=1,
+        result = evaluate(act_fn, source.env_id, num_seeds=1,
                           num_episodes=episodes, seed=reset_seed, max_episode_steps=max_steps,
                           first_seed_index=source.seed)
         returns = result.returns[0]

@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mb2po_jax import (awac, config as config_lib, dynamics as dyn, mb2po, online, parallel, rollout as ro,
-                       sharding)
+from mb2po_jax import (awac, config as config_lib, dynamics as dyn, mb2po, online, parallel,
+                       policy as policy_lib, rollout as ro, sharding)
 from mb2po_jax.termination import termination_fn_for
 from mb2po_jax.checkpoint import CheckpointDamagedError, Checkpointer
 from mb2po_jax.behavior.generation import ensure_default_dataset
@@ -276,8 +276,6 @@ def _finite_seeds(tree) -> jax.Array:
     return jnp.stack(per_leaf).all(axis=0)
 
 
-_act_seeds = jax.jit(awac.act_seeds)  # deterministic evaluation actions, state [S], obs [S, N, o]
-
 
 class Run:
     """One `mb2po-train` invocation over a workdir, which it holds (WORKDIR/.lock) until `__call__` returns
@@ -487,11 +485,7 @@ class Run:
         mine = sharding.process_seeds(cfg.num_seeds, self.mesh)
         returns, stds = np.zeros(cfg.num_seeds), np.zeros(cfg.num_seeds)
         if mine.stop > mine.start:
-            local = sharding.local_rows(agents, mine)
-
-            def act_fn(obs: np.ndarray) -> np.ndarray:
-                return self.spaces.from_unit_actions(np.asarray(_act_seeds(local, jnp.asarray(obs))))
-
+            act_fn = policy_lib.evaluation_act_fn(sharding.local_rows(agents, mine), self.spaces)
             result = evaluate(act_fn, self.env_id, num_seeds=mine.stop - mine.start,
                               num_episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
                               max_episode_steps=cfg.max_episode_steps, first_seed_index=mine.start)

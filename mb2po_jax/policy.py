@@ -162,6 +162,18 @@ def _act_env(agent: awac.AWACState, low: jax.Array, high: jax.Array, obs: jax.Ar
     return low + (action + 1.0) * 0.5 * (high - low)
 
 
+_act_seeds = jax.jit(awac.act_seeds)  # deterministic actions, state [S], obs [S, N, o]
+
+
+def evaluation_act_fn(agents: awac.AWACState, spaces) -> Callable[[np.ndarray], np.ndarray]:
+    """`evaluation.evaluate`'s act_fn for agents [S]: obs [S, N, o] -> the environment's actions [S, N, a],
+    the deterministic action rescaled in float64 (`EnvSpaces.from_unit_actions`). Training's evaluations
+    and `mb2po-eval` both act through it, so mb2po-eval reproduces a recorded score exactly: `make_policy`
+    rescales in float32, and over a long walker2d episode that last-bit difference makes another episode
+    (seed 1 of a walker2d-medium AWAC run: 44.6 against the recorded 40.5)."""
+    return lambda obs: spaces.from_unit_actions(np.asarray(_act_seeds(agents, jnp.asarray(obs))))
+
+
 def make_policy(source: PolicySource) -> Callable[..., jax.Array]:
     """`source`'s actor as `policy(obs, key=None)`, one jitted call: obs [obs_dim] or [N, obs_dim] ->
     actions [act_dim] or [N, act_dim] in the environment's units; deterministic (tanh of the most probable
