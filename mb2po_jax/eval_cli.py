@@ -149,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{'' if source.finished else ', not finished'}), {source.env_id}: {episodes} episode(s) of at "
              f"most {max_steps} steps")
         started = time.perf_counter()
-        policy = policy_lib.make_policy(source)  # for the video
-        agent = policy_lib.load_agents(source)  # [S]: this seed's row, acting as training evaluates it
-        act_fn = policy_lib.evaluation_act_fn(jax.tree.map(lambda x: x[source.seed:source.seed + 1], agent),
-                                              env_spaces(source.env_id))
+        agents = policy_lib.load_agents(source)  # [S]: this seed's row acts as training evaluates it
+        act_fn = policy_lib.evaluation_act_fn(jax.tree.map(lambda x: x[source.seed:source.seed + 1], agents),
+                                              env_spaces(source.env_id))  # obs [1, N, o] -> [1, N, a]
         reset_seed = int(cfg.get("seed", 0)) + EVAL_SEED_OFFSET
         result = evaluate(act_fn, source.env_id, num_seeds=1,
                           num_episodes=episodes, seed=reset_seed, max_episode_steps=max_steps,
@@ -163,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
              f"({time.perf_counter() - started:.1f} s)")
         if recorder is not None:
             # Episode 0's reset seed (`evaluation`: seed + 1000 s + j): the video is the first episode above.
-            frames = recorder.record(policy, reset_seed + 1000 * source.seed)
+            one = lambda obs: act_fn(obs[None, None])[0, 0]  # obs [o] -> [a], as the episodes above acted
+            frames = recorder.record(one, reset_seed + 1000 * source.seed)
             _log(f"wrote {args.video} ({frames} frames at {recorder.fps} fps)")
     except Mb2poError as e:
         print(f"error: {e}", file=sys.stderr)

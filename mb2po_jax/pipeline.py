@@ -276,7 +276,6 @@ def _finite_seeds(tree) -> jax.Array:
     return jnp.stack(per_leaf).all(axis=0)
 
 
-
 class Run:
     """One `mb2po-train` invocation over a workdir, which it holds (WORKDIR/.lock) until `__call__` returns
     or `close()`. layout: (mesh, rollout mesh) as `sharding.cpu_layout` gives them; default:
