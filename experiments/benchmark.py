@@ -461,6 +461,7 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
     seeds = [r["settings"].get("num_seeds") for r in started]
     base_seeds = [r["settings"].get("seed") for r in started]
     episodes = [r["settings"].get("eval_episodes") for r in started]
+    final_episodes = [r["settings"].get("final_eval_episodes") or r["settings"].get("eval_episodes") for r in started]
     commits = []
     for r in started:
         for c in _commits(r):
@@ -472,7 +473,8 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
         "",
         f"- Budget (`mb2po-train --preset`): {budget}. Seeds per dataset: {_counted(seeds)} (base seed "
         f"{_counted(base_seeds)}), trained side by side in one `mb2po-train --num_seeds` run; "
-        f"evaluation episodes per seed: {_counted(episodes)}.",
+        f"evaluation episodes per seed: {_counted(episodes)} (curves), {_counted(final_episodes)} (final scores, "
+        "`--final_eval_episodes`).",
         f"- Commits: {', '.join(commits) if commits else 'not recorded'}.",
         "- Data: datasets made with `mb2po-data generate` (D4RL's recipe, Gymnasium v5 MuJoCo, the SAC "
         "behaviour policies shipped in the package), not the D4RL v0 files of the paper's Table 1: the paper "

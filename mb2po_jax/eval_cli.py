@@ -7,7 +7,8 @@
 Prints one JSON line on stdout: workdir, env, stage, seed, step, finished, episodes, return (mean over the
 episodes), return_std, normalized_score (of the mean return), returns and lengths (per episode), video;
 progress goes to stderr. Episodes are reset with the seeds training's evaluations use, so `--episodes` equal
-to the run's --eval_episodes (the default) reproduces that seed's final evaluation of the stage.
+to the run's final evaluation's count (the default: its --final_eval_episodes, else --eval_episodes)
+reproduces that seed's final evaluation of the stage.
 
 --video renders the first episode again through MuJoCo's offscreen renderer and writes it with imageio:
 headless, it needs MUJOCO_GL=egl (libEGL with a GPU driver, or Mesa's; the default here when MUJOCO_GL is
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workdir", help="a mb2po-train --workdir")
     parser.add_argument("--stage", choices=("awac", "mb2po", "online"), help="default: the newest finished stage")
     parser.add_argument("--seed", type=int, default=0, help="which of the run's seeds (default 0)")
-    parser.add_argument("--episodes", type=int, help="episodes (default: the run's --eval_episodes)")
+    parser.add_argument("--episodes", type=int, help="episodes (default: as many as the run's final evaluation: "
+                        "its --final_eval_episodes, else --eval_episodes)")
     parser.add_argument("--max_episode_steps", type=int, help="default: the run's --max_episode_steps")
     parser.add_argument("--video", metavar="OUT.mp4", help="also render the first episode to this file")
     args = parser.parse_args(argv)
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = policy_lib.find_policy(args.workdir, args.stage, args.seed)
         cfg = source.config
-        episodes = args.episodes if args.episodes is not None else int(cfg.get("eval_episodes", 10))
+        episodes = (args.episodes if args.episodes is not None
+                    else int(cfg.get("final_eval_episodes") or cfg.get("eval_episodes", 10)))
         max_steps = (args.max_episode_steps if args.max_episode_steps is not None
                      else int(cfg.get("max_episode_steps", 1000)))
         if not 1 <= episodes <= 1000 or max_steps < 1:  # `evaluate` numbers reset seeds 1000 apart per seed

@@ -476,8 +476,9 @@ class Run:
             )
 
     # ------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, agents: awac.AWACState) -> dict[str, list[float]]:
-        """Deterministic-policy returns of every seed of `agents` [S] in the real environment. Each process
+    def _evaluate(self, agents: awac.AWACState, final: bool = False) -> dict[str, list[float]]:
+        """Deterministic-policy returns of every seed of `agents` [S] in the real environment, over
+        --eval_episodes episodes per seed (--final_eval_episodes for a stage's final score). Each process
         evaluates the seeds it holds (process 0 all of them when the state is not seed-sharded); the scores
         are then combined, so every process returns the same lists."""
         cfg = self.config
@@ -485,8 +486,9 @@ class Run:
         returns, stds = np.zeros(cfg.num_seeds), np.zeros(cfg.num_seeds)
         if mine.stop > mine.start:
             act_fn = policy_lib.evaluation_act_fn(sharding.local_rows(agents, mine), self.spaces)
+            episodes = cfg.final_episodes if final else cfg.eval_episodes
             result = evaluate(act_fn, self.env_id, num_seeds=mine.stop - mine.start,
-                              num_episodes=cfg.eval_episodes, seed=cfg.seed + 10_000,
+                              num_episodes=episodes, seed=cfg.seed + 10_000,
                               max_episode_steps=cfg.max_episode_steps, first_seed_index=mine.start)
             returns[mine], stds[mine] = result.mean_return(), result.std_return()
         returns = sharding.combine_over_processes(returns, mine)
@@ -512,10 +514,11 @@ class Run:
         self._check_finite(stage, unit, step, metrics, loop.params(state), ckpt, loop.hint)
         final = None
         if loop.agents is not None and ((loop.eval_every and step % loop.eval_every == 0) or done):
-            scores = self._evaluate(loop.agents(state))
+            scores = self._evaluate(loop.agents(state), final=done)
             writer.write(stage, step, scores)
             self.log(f"[{stage}] {unit} {step}: return {np.mean(scores['return']):.1f}, "
-                     f"normalized {np.mean(scores['normalized_score']):.1f}")
+                     f"normalized {np.mean(scores['normalized_score']):.1f}"
+                     + (f" (final score, {self.config.final_episodes} episodes per seed)" if done else ""))
             if loop.evaluated is not None:
                 scores = loop.evaluated(step, scores, done)
             final = scores if done else None

@@ -39,6 +39,8 @@ flags.DEFINE_integer("awac_steps", None, "AWAC gradient steps (paper: 500000).")
 flags.DEFINE_integer("steps_per_call", None, "Updates fused into one compiled call.")
 flags.DEFINE_integer("eval_every", None, "Evaluate every this many AWAC steps.")
 flags.DEFINE_integer("eval_episodes", None, "Evaluation episodes per seed.")
+flags.DEFINE_integer("final_eval_episodes", None, "Episodes per seed of each stage's last evaluation, its final "
+                     "score (default: --eval_episodes; the cpu and paper presets: 100).")
 flags.DEFINE_integer("max_episode_steps", None, "Episode length (time limit) of evaluations and of the "
                      "online stage's environments.")
 flags.DEFINE_integer("checkpoint_every", None, "Checkpoint every this many steps.")
@@ -235,9 +237,9 @@ HELP_GROUPS = {
     "online": ["online_steps", "online_envs", "online_ratio", "utd", "online_buffer_size", "online_warmup_steps",
                "online_ratio_start", "online_ratio_anneal_steps", "online_model", "model_ratio", "model_refit_every",
                "model_refit_epochs", "online_steps_per_call"],
-    "evaluation and checkpoints": ["eval_every", "eval_episodes", "max_episode_steps", "checkpoint_every",
-                                   "mb2po_eval_every", "mb2po_checkpoint_every", "online_eval_every",
-                                   "online_checkpoint_every"],
+    "evaluation and checkpoints": ["eval_every", "eval_episodes", "final_eval_episodes", "max_episode_steps",
+                                   "checkpoint_every", "mb2po_eval_every", "mb2po_checkpoint_every",
+                                   "online_eval_every", "online_checkpoint_every"],
     "devices and hosts": ["cpu_devices", "coordinator_address", "num_processes", "process_id", "distributed"],
 }
 

@@ -84,6 +84,19 @@ def test_paper_preset_is_the_papers_protocol():
     assert (a.num_components, a.max_weight, a.temperature) == (5, 20.0, 1.0)
 
 
+def test_final_scores_of_the_reporting_presets_average_100_episodes():
+    """cpu and paper score each stage's final policy over 100 episodes per seed (curves over 10); smoke and a
+    bare RunConfig over --eval_episodes; the flag overrides both."""
+    for preset in ("cpu", "paper"):
+        cfg = config_lib.make_config(preset)
+        assert (cfg.eval_episodes, cfg.final_episodes) == (10, 100)
+    assert config_lib.make_config("smoke").final_episodes == config_lib.make_config("smoke").eval_episodes == 2
+    assert config_lib.make_config("smoke", {"eval_episodes": 4}).final_episodes == 4
+    assert config_lib.make_config("cpu", {"final_eval_episodes": 7}).final_episodes == 7
+    old = config_lib.from_dict({"eval_episodes": 10})  # a config.json recorded before the setting existed
+    assert old.final_episodes == 10
+
+
 def test_every_preset_uses_the_papers_ensemble_and_mopos_is_a_flagfile():
     for preset in config_lib.PRESETS:
         cfg = config_lib.make_config(preset)

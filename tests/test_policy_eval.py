@@ -22,7 +22,7 @@ from test_pipeline import _write_hopper_file
 TINY = dict(
     stages=("awac", "dynamics", "mb2po"), num_seeds=2, awac_steps=100, steps_per_call=50, eval_every=100,
     checkpoint_every=100, actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), batch_size=32,
-    eval_episodes=1, max_episode_steps=20, dynamics_steps=60, dynamics_hidden_dims=(32, 32),
+    eval_episodes=1, final_eval_episodes=3, max_episode_steps=20, dynamics_steps=60, dynamics_hidden_dims=(32, 32),
     dynamics_weight_decay=(1e-5, 1e-5, 1e-5), max_holdout=200, imagined_steps=2000, updates_per_iteration=10,
     num_slots=2, mb2po_iterations=2, mb2po_eval_every=2, mb2po_checkpoint_every=1,
 )
@@ -121,13 +121,15 @@ def test_mb2po_eval_prints_one_json_line(finished):
     assert result["return"] == pytest.approx(np.mean(result["returns"]))
     assert np.isfinite(result["normalized_score"]) and "mb2po-eval:" in out.stderr
 
-    # The run's own episode count and seeds: the training's final evaluation of that seed, to the last bit
-    # (`policy.evaluation_act_fn`; a float32 rescaling of the actions once gave other walker2d episodes).
+    # The run's own final episode count (--final_eval_episodes=3, not --eval_episodes=1) and seeds: the
+    # training's final evaluation of that seed, to the last bit (`policy.evaluation_act_fn`; a float32
+    # rescaling of the actions once gave other walker2d episodes).
     final = json.loads((workdir / "results.json").read_text())["final"]
     for stage in ("awac", "mb2po"):
         out = _eval(workdir, "--stage", stage, "--seed", 1)
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
+        assert result["episodes"] == 3 and len(set(result["returns"])) > 1
         assert result["return"] == final[stage]["return"][1]
         assert result["normalized_score"] == final[stage]["normalized_score"][1]
 

@@ -253,6 +253,7 @@ def test_results_keep_stages_not_rerun_and_extending_awac_after_mb2po_needs_rest
     ("gamma", 1.0, "--gamma"), ("gamma", -0.1, "--gamma"), ("tau", 0.0, "--tau"), ("tau", 1.5, "--tau"),
     ("temperature", 0.0, "--temperature"), ("max_weight", -1.0, "--max_weight"),
     ("num_components", 0, "--num_components"), ("eval_episodes", 0, "--eval_episodes"),
+    ("final_eval_episodes", 0, "--final_eval_episodes"), ("final_eval_episodes", 1001, "--final_eval_episodes"),
     ("holdout_fraction", 1.0, "--holdout_fraction"), ("max_holdout", 0, "--max_holdout"),
     ("actor_hidden_dims", (32, 0), "--actor_hidden_dims"), ("dynamics_weight_decay", (1e-5, -1.0, 0.0, 0.0, 0.0),
                                                             "--dynamics_weight_decay"),
