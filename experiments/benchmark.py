@@ -483,6 +483,10 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
            "lambda so the penalty takes at most that share of the data's mean |r| on the data: where it bound, "
            "each seed's lambda is shown as `capped: ...`; runs made before the cap existed are marked so."]
           if any("max_penalty_share" in runs[n]["settings"].get("mb2po", {}) for n in names) else []),
+        *(["- lambda with `--penalty_share` (0.5 in the `cpu` preset since issue 18's rule): set per seed so that "
+           "the penalty takes that share of the data's mean |r| on the data, in place of the table's lambda; "
+           "shown as `set: ...`."]
+          if any(runs[n]["settings"].get("mb2po", {}).get("penalty_share") for n in names) else []),
         "- Scores: D4RL-normalised return of each stage's final policy, mean ± std over seeds (ddof=1), then "
         "each seed; MB2PO - AWAC is per seed (MB2PO fine-tunes that seed's AWAC policy).",
         f"- Made by `python experiments/benchmark.py run --budget {budget if len(set(presets)) == 1 else 'BUDGET'}"
@@ -499,7 +503,9 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
         mcfg = run["settings"].get("mb2po", {})
         hl = f"{mcfg['horizon']}, {mcfg['penalty_coef']}" if "horizon" in mcfg else ""
         used = run["results"]["final"].get("mb2po", {}).get("penalty_coef") if run["done"] else None
-        if hl and "max_penalty_share" not in mcfg:
+        if hl and mcfg.get("penalty_share"):
+            hl = f"{mcfg['horizon']}, set" + (f": {', '.join(f'{x:.2g}' for x in used)}" if used else "")
+        elif hl and "max_penalty_share" not in mcfg:
             hl += " (before the cap)"
         elif used and mcfg["max_penalty_share"] and any(x < mcfg["penalty_coef"] * (1 - 1e-6) for x in used):
             hl += f" (capped: {', '.join(f'{x:.2g}' for x in used)})"  # lambda read back as float32

@@ -28,7 +28,7 @@ SECTIONS = ("awac", "dynamics", "mb2po", "online")  # RunConfig's nested config 
 MB2PO_SCHEDULE = ("iterations",)
 # Settings added after workdirs already existed, with the value that reproduces how those ran: a recorded
 # configuration without one (config.json, a benchmark's results.json) is read as having this value.
-ADDED_FIELDS = {("mb2po", "max_penalty_share"): 0.0}
+ADDED_FIELDS = {("mb2po", "max_penalty_share"): 0.0, ("mb2po", "penalty_share"): 0.0}
 
 
 def with_added_fields(recorded: Any) -> Any:
@@ -97,21 +97,25 @@ class RunConfig:
 # fits 2 CPU cores and 24 GB: 50 MB2PO iterations of 50,000 imagined steps (not 1M) with a ring of the
 # last 20 iterations (1M model rows, 0.1 GB for hopper). `paper`: the paper's protocol (section 5: 500k
 # AWAC steps, 100k dynamics steps, 500 iterations x (1M imagined steps + 1000 AWAC updates), ring of the
-# last 100 iterations; 4 seeds as in Table 1). `smoke` and `cpu` cap lambda (--max_penalty_share=0.5,
-# `rollout.capped_penalty_coef`, DESIGN.md); `paper` keeps the task table's lambda as the paper does.
+# last 100 iterations; 4 seeds as in Table 1). `smoke` and `cpu` set lambda per seed so that the penalty takes
+# half the data's reward on the data (--penalty_share=0.5, capped there by --max_penalty_share=0.5,
+# `rollout.capped_penalty_coef`) and draw half of each batch from the data (--omega=0.5), and `cpu` trains
+# the paper's 100k dynamics steps: issue 18's rule (DESIGN.md); `paper` keeps the task table's lambda and
+# omega = 0.05 as the paper does.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         awac_steps=2_000, steps_per_call=500, eval_every=1_000, eval_episodes=2, checkpoint_every=1_000,
         dynamics_steps=1_000, mb2po_iterations=4, imagined_steps=10_000, updates_per_iteration=250,
-        num_slots=4, mb2po_eval_every=2, mb2po_checkpoint_every=2, max_penalty_share=0.5,
+        num_slots=4, mb2po_eval_every=2, mb2po_checkpoint_every=2, max_penalty_share=0.5, penalty_share=0.5,
+        omega=0.5,
         online_steps=2_000, online_steps_per_call=500, online_eval_every=500, online_checkpoint_every=500,
         online_buffer_size=2_000, model_refit_every=1_000,
     ),
     "cpu": dict(
         awac_steps=100_000, steps_per_call=1000, eval_every=10_000, eval_episodes=10, final_eval_episodes=100,
-        checkpoint_every=10_000, dynamics_steps=20_000, mb2po_iterations=50, imagined_steps=50_000,
+        checkpoint_every=10_000, dynamics_steps=100_000, mb2po_iterations=50, imagined_steps=50_000,
         updates_per_iteration=1000, num_slots=20, mb2po_eval_every=10, mb2po_checkpoint_every=5,
-        max_penalty_share=0.5,
+        max_penalty_share=0.5, penalty_share=0.5, omega=0.5,
         online_steps=100_000, online_steps_per_call=1000, online_eval_every=5_000,
         online_checkpoint_every=10_000, online_buffer_size=100_000,
     ),
@@ -135,7 +139,7 @@ MB2PO_FLAGS = {
     "mb2po_iterations": "iterations", "imagined_steps": "imagined_steps",
     "updates_per_iteration": "updates_per_iteration", "num_slots": "num_slots", "omega": "omega",
     "horizon": "horizon", "penalty_coef": "penalty_coef", "max_penalty_share": "max_penalty_share",
-    "penalty": "penalty",
+    "penalty_share": "penalty_share", "penalty": "penalty",
     "rollout_members": "rollout_members",
     "buffer_dtype": "buffer_dtype", "rollout_chunk_size": "chunk_size",
 }

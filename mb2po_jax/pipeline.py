@@ -718,14 +718,22 @@ class Run:
                               in_axes=(0, None, None)))
         mean_u = sharding.to_host(fn(models, data.observations, data.actions))
         mean_abs_r = float(np.mean(np.abs(self.dataset.transitions.rewards)))
-        lam = np.asarray(ro.capped_penalty_coef(mcfg.penalty_coef, mcfg.max_penalty_share, mean_abs_r, mean_u))
+        lam = np.asarray(ro.capped_penalty_coef(mcfg.penalty_coef, mcfg.max_penalty_share, mean_abs_r, mean_u,
+                                                share=mcfg.penalty_share))
         share = mcfg.penalty_coef * mean_u / max(mean_abs_r, 1e-8)
         fmt = lambda xs: "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
         capped = bool(np.any(lam < mcfg.penalty_coef))
+        if mcfg.penalty_share:
+            how = (f"lambda set to {fmt(lam)} (--penalty_share={mcfg.penalty_share}"
+                   + (f", at most --max_penalty_share={mcfg.max_penalty_share}" if mcfg.max_penalty_share else "")
+                   + "; --penalty_share=0 keeps the task's lambda)")
+        elif capped:
+            how = (f"lambda capped to {fmt(lam)} (--max_penalty_share={mcfg.max_penalty_share}; 0 keeps the "
+                   "task's lambda)")
+        else:
+            how = f"lambda={mcfg.penalty_coef} for every seed"
         self.log(f"[{stage}] penalty on the data: mean u {fmt(mean_u)} per seed, mean |r| {mean_abs_r:.3g}, "
-                 f"so lambda={mcfg.penalty_coef} would take {fmt(share)} of the reward; "
-                 + (f"lambda capped to {fmt(lam)} (--max_penalty_share={mcfg.max_penalty_share}; 0 keeps the "
-                    f"task's lambda)" if capped else f"lambda={mcfg.penalty_coef} for every seed"))
+                 f"so the task's lambda={mcfg.penalty_coef} would take {fmt(share)} of the reward; {how}")
         return _StageLambda(stage, {"penalty_coef": [float(x) for x in lam],
                                     "data_uncertainty": [float(x) for x in mean_u],
                                     "data_mean_abs_reward": mean_abs_r}, self.mesh, self.log)
@@ -820,7 +828,8 @@ class Run:
                  f"({cfg.num_seeds * ocfg.buffer_size * row_bytes / 2**30:.2f} GiB)")
         if ocfg.model:
             mcfg = cfg.mb2po
-            capped = ", capped per seed as below" if mcfg.max_penalty_share else ""
+            capped = (f", set per seed by --penalty_share={mcfg.penalty_share} as below" if mcfg.penalty_share
+                      else ", capped per seed as below" if mcfg.max_penalty_share else "")
             self.log(f"[online] model arm: {mcfg.imagined_steps} imagined steps (h={mcfg.horizon}, "
                      f"lambda={mcfg.penalty_coef}{capped}) per {ocfg.steps_per_call} environment steps into a "
                      f"ring of {mcfg.num_slots}; {ocfg.model_ratio} of each batch from it; ensemble refits on "

@@ -61,6 +61,10 @@ class RolloutConfig:
     # rho of `capped_penalty_coef`: the most of the data's mean |r| that lambda * mean u may take on the
     # data itself; 0 (the paper) turns the cap off. The `smoke` and `cpu` presets use 0.5.
     max_penalty_share: float = 0.0
+    # rho of `capped_penalty_coef` when > 0: lambda per seed is set so that lambda * mean u takes exactly this
+    # share of the data's mean |r| on the data, in place of the task's lambda; 0 (the paper) keeps the task's.
+    # The `smoke` and `cpu` presets use 0.5 (issue 18's rule, DESIGN.md).
+    penalty_share: float = 0.0
     penalty: str = "max_std"  # u(s, a), see the module docstring
     rollout_members: str = "all"  # whom a rollout draws from and penalises over: "all" (the paper), "elites" (MOPO)
     # Max trajectories per chunk (None: by backend, see `default_chunk_size`). Bounds activation memory
@@ -76,6 +80,9 @@ class RolloutConfig:
         if not (math.isfinite(self.max_penalty_share) and self.max_penalty_share >= 0):
             raise ConfigError(f"--max_penalty_share must be a number >= 0 (0 turns the cap off), "
                               f"got {self.max_penalty_share}")
+        if not (math.isfinite(self.penalty_share) and self.penalty_share >= 0):
+            raise ConfigError(f"--penalty_share must be a number >= 0 (0 keeps the task's lambda), "
+                              f"got {self.penalty_share}")
         if self.rollout_members not in MEMBER_SETS:
             raise ConfigError(f"--rollout_members must be one of {', '.join(MEMBER_SETS)}, "
                               f"got {self.rollout_members!r}")
@@ -137,17 +144,20 @@ def dataset_uncertainty(dyn_state: dyn.DynamicsState, observations: jax.Array, a
 
 
 def capped_penalty_coef(penalty_coef: float, max_share: float, mean_abs_reward: float | jax.Array,
-                        mean_u: jax.Array) -> jax.Array:
-    """The lambda a rollout uses (a deviation from the paper, DESIGN.md): lambda_eff = min(lambda, rho *
-    mean|r_D| / mean u_D), so that on the dataset's own pairs the penalty takes at most the share rho
+                        mean_u: jax.Array, share: float = 0.0) -> jax.Array:
+    """The lambda a rollout uses (deviations from the paper, DESIGN.md). With `share` = rho_s > 0, lambda =
+    rho_s * mean|r_D| / mean u_D, in place of the given one: on the dataset's own pairs the penalty takes
+    exactly that share of the mean reward, whatever the ensemble's scale of uncertainty. Then the cap:
+    lambda_eff = min(lambda, rho * mean|r_D| / mean u_D), so that the penalty takes at most the share rho
     (`max_share`) of the mean reward. The task table's lambda was tuned for MOPO's ensembles on D4RL; an
-    ensemble that is much less certain on its data (walker2d medium-replay, RESULTS.md) would otherwise
-    penalise in-data behaviour more than it rewards it. max_share = 0: lambda as given. Works per seed
-    (mean_u [S] -> [S])."""
-    lam = jnp.full(jnp.shape(mean_u), penalty_coef, jnp.float32)
+    ensemble much less certain on its data (walker2d medium-replay) penalises in-data behaviour more than it
+    rewards it, and a much more certain one (hopper medium-expert at 100k updates) hardly penalises anything
+    (RESULTS.md). share = 0: lambda as given; max_share = 0: no cap. Works per seed (mean_u [S] -> [S])."""
+    scale = mean_abs_reward / jnp.maximum(mean_u, 1e-8)
+    lam = (share * scale if share > 0 else jnp.full(jnp.shape(mean_u), penalty_coef)).astype(jnp.float32)
     if max_share <= 0:
         return lam
-    return jnp.minimum(lam, max_share * mean_abs_reward / jnp.maximum(mean_u, 1e-8))
+    return jnp.minimum(lam, max_share * scale)
 
 
 def model_step(obs: jax.Array, act: jax.Array, dyn_state: dyn.DynamicsState, params: dyn.Params,

@@ -81,12 +81,16 @@ flags.DEFINE_integer("mb2po_iterations", None, "MB2PO iterations (paper: 500).")
 flags.DEFINE_integer("imagined_steps", None, "Imagined steps per iteration (paper: 1000000).")
 flags.DEFINE_integer("updates_per_iteration", None, "AWAC updates per iteration (paper: 1000).")
 flags.DEFINE_integer("num_slots", None, "Iterations kept in the model ring (paper: 100).")
-flags.DEFINE_float("omega", None, "Fraction of each batch from the offline data (default 0.05).")
+flags.DEFINE_float("omega", None, "Fraction of each batch from the offline data (paper preset 0.05, "
+                   "smoke/cpu 0.5).")
 flags.DEFINE_integer("horizon", None, "Rollout horizon h (default: per task, MOPO's table).")
 flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table).")
 flags.DEFINE_float("max_penalty_share", None, "Cap on lambda (smoke/cpu presets 0.5; paper preset 0 = "
                    "off): lambda is lowered per seed so that lambda * mean u on the dataset's own pairs is at "
                    "most this share of the data's mean |r| (rollout.capped_penalty_coef; DESIGN.md).")
+flags.DEFINE_float("penalty_share", None, "When > 0 (smoke/cpu presets 0.5; paper preset 0), lambda is set per "
+                   "seed so that lambda * mean u on the dataset's own pairs is this share of the data's mean |r|, "
+                   "in place of --penalty_coef (rollout.capped_penalty_coef; DESIGN.md).")
 flags.DEFINE_enum("penalty", None, ["max_std", "max_aleatoric", "ensemble_disagreement"],
                   "Uncertainty u(s,a): the paper's max_std, or MOPO's variants.")
 flags.DEFINE_enum("rollout_members", None, ["all", "elites"], "Members a rollout draws its model from "
@@ -232,7 +236,7 @@ HELP_GROUPS = {
                  "dynamics_weight_decay", "dynamics_lr", "dynamics_batch_size", "holdout_fraction", "max_holdout",
                  "max_epochs_since_improvement"],
     "MB2PO": ["mb2po_iterations", "imagined_steps", "updates_per_iteration", "num_slots", "omega", "horizon",
-              "penalty_coef", "max_penalty_share", "penalty", "rollout_members", "buffer_dtype",
+              "penalty_coef", "max_penalty_share", "penalty_share", "penalty", "rollout_members", "buffer_dtype",
               "rollout_chunk_size"],
     "online": ["online_steps", "online_envs", "online_ratio", "utd", "online_buffer_size", "online_warmup_steps",
                "online_ratio_start", "online_ratio_anneal_steps", "online_model", "model_ratio", "model_refit_every",

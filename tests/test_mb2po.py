@@ -203,11 +203,12 @@ def test_cli_rollout_on_two_cpu_host_devices_equals_one_device_and_resumes(tmp_p
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=f"step {a['step']} {k}")
 
 
-def test_pipeline_caps_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_path):
-    """With a lambda far too large for the ensemble (1000), the smoke preset's --max_penalty_share=0.5
-    lowers it per seed to 0.5 * mean|r| / mean u on the data; the rollouts use that lambda (mean penalty =
-    lambda_eff * mean u in every iteration's record) and results.json records it. With the cap off the
-    task's lambda is used."""
+def test_pipeline_sets_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_path):
+    """With a lambda far too large for the ensemble (1000), the smoke preset's --penalty_share=0.5 (and its
+    cap, --max_penalty_share=0.5) set it per seed to 0.5 * mean|r| / mean u on the data; the rollouts use
+    that lambda (mean penalty = lambda_eff * mean u in every iteration's record) and results.json records
+    it. With the share rule alone a far too small lambda (0.001) is raised to the same value; with neither,
+    the task's lambda is used."""
     data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
     run, results = _run(tmp_path / "capped", data, penalty_coef=1000.0, mb2po_iterations=2, mb2po_eval_every=2)
     final = results["final"]["mb2po"]
@@ -224,10 +225,15 @@ def test_pipeline_caps_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_pa
 
     for penalty, uncertainty in penalties("capped"):
         np.testing.assert_allclose(penalty, lam * uncertainty, rtol=1e-4)
-    # With the cap off, from the same AWAC and dynamics (a copy, MB2PO restarted: its settings may change).
+    # From the same AWAC and dynamics (copies, MB2PO restarted: its settings may change): the share rule
+    # without the cap raises a tiny lambda to the same values; with neither the task's lambda is used.
+    shutil.copytree(tmp_path / "capped", tmp_path / "raised")
+    _, raised = _run(tmp_path / "raised", data, restart_from="mb2po", penalty_coef=0.001, mb2po_iterations=1,
+                     mb2po_eval_every=1, max_penalty_share=0.0)
+    np.testing.assert_allclose(raised["final"]["mb2po"]["penalty_coef"], lam, rtol=1e-6)
     shutil.copytree(tmp_path / "capped", tmp_path / "uncapped")
     _, uncapped = _run(tmp_path / "uncapped", data, restart_from="mb2po", penalty_coef=1000.0, mb2po_iterations=1,
-                       mb2po_eval_every=1, max_penalty_share=0.0)
+                       mb2po_eval_every=1, max_penalty_share=0.0, penalty_share=0.0)
     assert uncapped["final"]["mb2po"]["penalty_coef"] == [1000.0, 1000.0]
     for penalty, uncertainty in penalties("uncapped"):
         np.testing.assert_allclose(penalty, 1000.0 * uncertainty, rtol=1e-4)

@@ -249,6 +249,18 @@ def test_capped_penalty_coef_binds_only_above_the_share():
     np.testing.assert_allclose(np.asarray(ro.capped_penalty_coef(1.0, 0.0, 2.0, jnp.asarray([40.0]))), [1.0])
 
 
+def test_penalty_share_sets_lambda_from_the_data_up_or_down():
+    """share = rho_s: lambda = rho_s * mean|r| / mean u per seed, whatever the given lambda, raised for a
+    certain ensemble and lowered for an uncertain one; the cap still bounds it."""
+    u = jnp.asarray([0.1, 1.0, 10.0])
+    lam = np.asarray(ro.capped_penalty_coef(1.0, 0.0, 2.0, u, share=0.5))
+    np.testing.assert_allclose(lam, [10.0, 1.0, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(lam * np.asarray(u) / 2.0, 0.5, rtol=1e-6)  # exactly the share, each seed
+    np.testing.assert_allclose(np.asarray(ro.capped_penalty_coef(1e6, 0.0, 2.0, u, share=0.5)), lam, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ro.capped_penalty_coef(1.0, 0.25, 2.0, u, share=0.5)), lam / 2,
+                               rtol=1e-6)  # a cap below the share binds
+
+
 def test_rollout_uses_the_given_lambda_over_the_configs():
     """A traced lambda replaces config.penalty_coef: same draws, rewards differ by (5 - 0.5) * u."""
     state = hand_state(MEANS, RAW, ELITES)
