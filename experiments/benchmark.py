@@ -485,7 +485,9 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
           if any("max_penalty_share" in runs[n]["settings"].get("mb2po", {}) for n in names) else []),
         *(["- lambda with `--penalty_share` (0.5 in the `cpu` preset since issue 18's rule): set per seed so that "
            "the penalty takes that share of the data's mean |r| on the data, in place of the table's lambda; "
-           "shown as `set: ...`."]
+           "shown as `set: ...`. The rule (with omega = 0.5 and 100k dynamics steps) was chosen among five "
+           "candidates on the evaluation returns of walker2d-medium and the three medium-expert datasets; "
+           "RESULTS.md, \"A rule across the four losing datasets\", reports every candidate tried."]
           if any(runs[n]["settings"].get("mb2po", {}).get("penalty_share") for n in names) else []),
         "- Scores: D4RL-normalised return of each stage's final policy, mean ± std over seeds (ddof=1), then "
         "each seed; MB2PO - AWAC is per seed (MB2PO fine-tunes that seed's AWAC policy).",

@@ -24,16 +24,19 @@ def _run(*args, env=None, timeout=120):
 
 
 def _fake_run(root, name, awac, mb2po=None, *, awac_evals=(2000, 4000), mb2po_evals=(2, 4), finished=True,
-              preset="cpu", commit="abc123", cap=0.5, used=None):
+              preset="cpu", commit="abc123", cap=0.5, used=None, share=None, final_episodes=None):
     """A mb2po-train workdir with AWAC ending at `awac` and MB2PO at `mb2po` (per-seed normalised scores);
-    cap: its --max_penalty_share (None: a run from before the cap), used: the lambda per seed it recorded."""
+    cap: its --max_penalty_share (None: a run from before the cap), used: the lambda per seed it recorded;
+    share: its --penalty_share, final_episodes: its --final_eval_episodes (None: runs from before them)."""
     workdir = root / name
     (workdir / "checkpoints" / "awac").mkdir(parents=True)
     (workdir / "checkpoints" / "awac" / "big.bin").write_bytes(b"\0" * 100)
     seeds = len(awac)
     config = {"awac_steps": 4000, "num_seeds": seeds, "seed": 0, "eval_episodes": 10,
               "mb2po": {"iterations": 4, "updates_per_iteration": 1000, "horizon": 5, "penalty_coef": 1.0,
-                        **({} if cap is None else {"max_penalty_share": cap})}}
+                        **({} if cap is None else {"max_penalty_share": cap}),
+                        **({} if share is None else {"penalty_share": share})},
+              **({} if final_episodes is None else {"final_eval_episodes": final_episodes})}
     (workdir / "config.json").write_text(json.dumps({"identity": {"dataset": name}, "preset": preset,
                                                      "config": config}))
     lines = []
@@ -59,6 +62,20 @@ def _fake_run(root, name, awac, mb2po=None, *, awac_evals=(2000, 4000), mb2po_ev
 def _row(md, name):
     (row,) = [l for l in md.splitlines() if l.startswith(f"| {name} |")]
     return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_report_names_the_share_rule_and_the_final_episodes(tmp_path):
+    """Runs under issue 18's rule: lambda shown as set per seed, the rule and its choice stated in the notes,
+    final scores' episode count beside the curves'."""
+    runs = tmp_path / "runs"
+    _fake_run(runs, "walker2d-medium-local", [30.0, 40.0, 20.0], [31.0, 33.0, 32.0], used=[0.51, 0.47, 0.51],
+              share=0.5, final_episodes=100)
+    out = tmp_path / "results"
+    done = _run("report", "--workdir", runs, "--out", out)
+    md = (out / "benchmark.md").read_text()
+    assert _row(md, "walker2d-medium-local")[2] == "5, set: 0.51, 0.47, 0.51", done.stderr
+    assert "`--penalty_share`" in md and "reports every candidate tried" in md
+    assert "evaluation episodes per seed: 10 (curves), 100 (final scores" in md
 
 
 def test_report_table_curves_and_copies_that_regenerate_it(tmp_path):
