@@ -744,7 +744,8 @@ class Run:
         self.log(f"[mb2po] memory: model rings {ring_bytes / 2**30:.2f} GiB ({cfg.num_seeds} seed(s) x "
                  f"{mcfg.num_slots} iterations x {mcfg.rows_per_slot:,} rows, {mcfg.buffer_dtype}) + "
                  f"{rollout_bytes / 2**30:.2f} GiB per rollout; h={mcfg.horizon}, "
-                 f"lambda={mcfg.penalty_coef}, omega={mcfg.omega}, penalty={mcfg.penalty}")
+                 + ("lambda from the data (below), " if mcfg.penalty_share else f"lambda={mcfg.penalty_coef}, ")
+                 + f"omega={mcfg.omega}, penalty={mcfg.penalty}")
         data = self._device_dataset()
         models = dyn_state.replace(opt_state=None, best_params=None)  # what the rollout reads
         models = sharding.shard_seeds(models, self.mesh)
