@@ -772,7 +772,8 @@ class Run:
             name="mb2po", unit="iteration", total=mcfg.iterations, call=call, record=record,
             resume=resume,
             advance=lambda state, it: (it + 1, it + 1 >= mcfg.iterations), params=lambda state: state.agent,
-            hint="Lower --actor_lr/--critic_lr or raise --penalty_coef", agents=lambda state: state.agent,
+            hint=("Lower --actor_lr/--critic_lr or raise "
+                  + ("--penalty_share" if mcfg.penalty_share else "--penalty_coef")), agents=lambda state: state.agent,
             eval_every=cfg.mb2po_eval_every, checkpoint_every=cfg.mb2po_checkpoint_every,
             progress_interval_s=0.0, progress_unit="it",
             evaluated=lambda step, scores, done: {**scores, **lam.figures} if done else scores,

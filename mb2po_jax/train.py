@@ -84,7 +84,8 @@ flags.DEFINE_integer("num_slots", None, "Iterations kept in the model ring (pape
 flags.DEFINE_float("omega", None, "Fraction of each batch from the offline data (paper preset 0.05, "
                    "smoke/cpu 0.5).")
 flags.DEFINE_integer("horizon", None, "Rollout horizon h (default: per task, MOPO's table).")
-flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table).")
+flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table); not used "
+                   "while --penalty_share > 0 (the smoke/cpu presets: add --penalty_share=0 to use it).")
 flags.DEFINE_float("max_penalty_share", None, "Cap on lambda (smoke/cpu presets 0.5; paper preset 0 = "
                    "off): lambda is lowered per seed so that lambda * mean u on the dataset's own pairs is at "
                    "most this share of the data's mean |r| (rollout.capped_penalty_coef; DESIGN.md).")

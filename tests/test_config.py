@@ -97,6 +97,19 @@ def test_final_scores_of_the_reporting_presets_average_100_episodes():
     assert old.final_episodes == 10
 
 
+def test_cpu_preset_ships_issue_18s_rule_and_paper_keeps_the_paper():
+    """cpu: lambda from the data (share 0.5), omega 0.5, 100k dynamics steps; paper: the table's lambda, omega
+    0.05, no cap. An identity recorded before --penalty_share existed reads as share 0 (its lambda was the
+    table's), so such a workdir's MB2PO is not resumed under the rule unnoticed."""
+    cpu, paper = config_lib.make_config("cpu"), config_lib.make_config("paper")
+    assert (cpu.mb2po.penalty_share, cpu.mb2po.omega, cpu.dynamics_steps) == (0.5, 0.5, 100_000)
+    assert (paper.mb2po.penalty_share, paper.mb2po.max_penalty_share, paper.mb2po.omega) == (0.0, 0.0, 0.05)
+    old = config_lib.to_dict(cpu)
+    del old["mb2po"]["penalty_share"]
+    assert config_lib.with_added_fields(old)["mb2po"]["penalty_share"] == 0.0
+    assert config_lib.from_dict(old).mb2po.penalty_share == 0.0
+
+
 def test_every_preset_uses_the_papers_ensemble_and_mopos_is_a_flagfile():
     for preset in config_lib.PRESETS:
         cfg = config_lib.make_config(preset)
