@@ -304,8 +304,8 @@ def test_signal_during_an_evaluation_stops_at_that_call(tmp_path, data):
     run = pipeline.Run(str(tmp_path / "run"), data, None, cfg, log=lambda msg: None)
     evaluate = run._evaluate
 
-    def evaluate_then_signal(agents):
-        scores = evaluate(agents)
+    def evaluate_then_signal(agents, **kwargs):
+        scores = evaluate(agents, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)  # the handler the run installed sets its flag
         return scores
 
