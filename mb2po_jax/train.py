@@ -84,7 +84,7 @@ flags.DEFINE_integer("num_slots", None, "Iterations kept in the model ring (pape
 flags.DEFINE_float("omega", None, "Fraction of each batch from the offline data (paper preset 0.05, "
                    "smoke/cpu 0.5).")
 flags.DEFINE_integer("horizon", None, "Rollout horizon h (default: per task, MOPO's table).")
-flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table); not used "
+flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table); refused "
                    "while --penalty_share > 0 (the smoke/cpu presets: add --penalty_share=0 to use it).")
 flags.DEFINE_float("max_penalty_share", None, "Cap on lambda (smoke/cpu presets 0.5; paper preset 0 = "
                    "off): lambda is lowered per seed so that lambda * mean u on the dataset's own pairs is at "
@@ -190,6 +190,11 @@ def main(argv):
 
         task = config_lib.task_defaults(dataset_name or DEFAULT_DATASET, FLAGS.task_config)
         config = config_lib.make_config(FLAGS.preset, _overrides(), task)
+        if FLAGS["penalty_coef"].present and config.mb2po.penalty_share > 0:
+            # A lambda given by hand would be silently replaced by the share rule's (rollout.capped_penalty_coef).
+            raise ConfigError(f"--penalty_coef={FLAGS.penalty_coef} would not be used: --penalty_share="
+                              f"{config.mb2po.penalty_share} sets lambda from the data (the {FLAGS.preset} "
+                              f"preset's rule, DESIGN.md); add --penalty_share=0 to set lambda by hand")
         if FLAGS.print_config:  # before any JAX device is set up or touched
             return _print_config(dataset_name or DEFAULT_DATASET, task, config)
         several_processes = bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed)

@@ -274,6 +274,20 @@ def test_cli_refuses_a_negative_penalty_before_any_work(tmp_path, data):
     assert not workdir.exists()
 
 
+def test_cli_refuses_a_hand_set_lambda_the_share_rule_would_replace(tmp_path, data):
+    """Under the smoke/cpu presets' --penalty_share, --penalty_coef would be ignored: refused, naming the
+    way out; with --penalty_share=0 it is the run's lambda."""
+    workdir = tmp_path / "run"
+    out = _train(["--dataset", data, "--workdir", str(workdir), *AWAC, "--penalty_coef=2", "--print_config"])
+    assert out.returncode == 1
+    (error,) = _errors(out)
+    assert "--penalty_coef=2.0 would not be used" in error and "--penalty_share=0" in error, error
+    assert not workdir.exists()
+    out = _train(["--dataset", data, *AWAC, "--penalty_coef=2", "--penalty_share=0", "--print_config"])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["config"]["mb2po"]["penalty_coef"] == 2.0
+
+
 def test_settings_mismatch_names_only_the_differing_settings(tmp_path, data):
     """Once AWAC has a checkpoint, its settings and the seeds are fixed (each difference named); the later
     stages' settings stay open until they start, and --restart_from reopens a stage's."""
