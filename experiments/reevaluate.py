@@ -3,13 +3,14 @@
     python experiments/reevaluate.py --out results/probes/reevaluations --episodes 100 LABEL=WORKDIR ...
     python experiments/reevaluate.py --out results/probes/reevaluations      # only the table, from the files
 
-A run's recorded final score is one evaluation of --eval_episodes (10) episodes per seed; on walker2d and
-hopper one fall more or less moves it by several points, the size of the paper's 3-point bound. This runs
+A run's recorded final score is its last evaluation: --final_eval_episodes episodes per seed (100 at the cpu
+and paper presets; runs made before that flag: --eval_episodes, 10). Over 10 episodes on walker2d and hopper
+one fall more or less moves it by several points, the size of the paper's 3-point bound. This runs
 `mb2po-eval WORKDIR --stage S --seed K --episodes N` for each stage and seed (progress on stderr), keeps each
 JSON line as OUT/LABEL/S_seedK.json (an existing file is kept: rerun to resume), and prints one Markdown row
 per label: mean normalised score over the N episodes per seed, its standard error, the episodes that ended
-before the time limit, and the recorded 10-episode final score beside them (from WORKDIR/results.json,
-copied as OUT/LABEL/recorded.json).
+before the time limit, and the recorded final score beside them with its episode count (from
+WORKDIR/results.json, copied as OUT/LABEL/recorded.json).
 """
 from __future__ import annotations
 
@@ -56,17 +57,19 @@ def _seeds(values: list[float]) -> str:
 
 
 def table(out: str) -> str:
-    lines = ["| run | stage | recorded (10 episodes) | N episodes: mean (per seed) | standard error per seed "
+    lines = ["| run | stage | recorded (episodes) | N episodes: mean (per seed) | standard error per seed "
              "| episodes ended early per seed |", "|---|---|---|---|---|---|"]
     for label in sorted(os.listdir(out)):
-        recorded = json.load(open(os.path.join(out, label, "recorded.json")))["final"]
+        record = json.load(open(os.path.join(out, label, "recorded.json")))
+        recorded, config = record["final"], record["config"]
+        episodes = config.get("final_eval_episodes") or config.get("eval_episodes", 10)
         for stage in STAGES:
             runs = [json.load(open(os.path.join(out, label, f"{stage}_seed{k}.json")))
                     for k in range(len(recorded[stage]["normalized_score"]))]
             scores = [_scores(d) for d in runs]
             limit = [int(d.get("max_episode_steps") or 1000) for d in runs]
             lines.append(
-                f"| {label} | {stage} | {_seeds(recorded[stage]['normalized_score'])} "
+                f"| {label} | {stage} | {_seeds(recorded[stage]['normalized_score'])} ({episodes} each) "
                 f"| {_seeds([statistics.fmean(s) for s in scores])} ({len(scores[0])} each) "
                 f"| {', '.join(f'{statistics.stdev(s) / len(s) ** 0.5:.1f}' for s in scores)} "
                 f"| {', '.join(str(sum(n < m for n in d['lengths'])) for d, m in zip(runs, limit))} |")
