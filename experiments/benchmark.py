@@ -445,6 +445,14 @@ def _counted(values: list) -> str:
     return next(iter(counts)) if len(counts) == 1 else ", ".join(f"{v} ({n})" for v, n in counts.items())
 
 
+def _final_episodes(run: dict) -> list:
+    """Episodes per seed of each of a run's final scores: recorded with the score (`pipeline`), else (runs
+    made before that) the run's --final_eval_episodes, else --eval_episodes."""
+    default = run["settings"].get("final_eval_episodes") or run["settings"].get("eval_episodes")
+    finals = ((run["results"] or {}).get("final") or {}) if run["done"] else {}
+    return [final.get("episodes", default) for final in finals.values()] or [default]
+
+
 def _commits(run: dict) -> list[str]:
     """Commits of the launches with this run's settings (benchmark.json), and any the run itself recorded."""
     settings = ((run["config"] or run["results"] or {}).get("preset"), run["settings"].get("num_seeds"),
@@ -461,7 +469,7 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
     seeds = [r["settings"].get("num_seeds") for r in started]
     base_seeds = [r["settings"].get("seed") for r in started]
     episodes = [r["settings"].get("eval_episodes") for r in started]
-    final_episodes = [r["settings"].get("final_eval_episodes") or r["settings"].get("eval_episodes") for r in started]
+    final_episodes = [n for r in started for n in _final_episodes(r)]
     commits = []
     for r in started:
         for c in _commits(r):

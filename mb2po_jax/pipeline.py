@@ -521,7 +521,9 @@ class Run:
                      + (f" (final score, {self.config.final_episodes} episodes per seed)" if done else ""))
             if loop.evaluated is not None:
                 scores = loop.evaluated(step, scores, done)
-            final = scores if done else None
+            # The final score keeps its episode count: a stage restarted under other settings may end with
+            # another count than the stages kept from before (the report states each).
+            final = {**scores, "episodes": self.config.final_episodes} if done else None
         key, meta = loop.checkpoint_key(state, step), {unit: step, "final": final, "done": done}
         if loop.extra_meta is not None:
             meta.update(loop.extra_meta(state))

@@ -24,10 +24,12 @@ def _run(*args, env=None, timeout=120):
 
 
 def _fake_run(root, name, awac, mb2po=None, *, awac_evals=(2000, 4000), mb2po_evals=(2, 4), finished=True,
-              preset="cpu", commit="abc123", cap=0.5, used=None, share=None, final_episodes=None):
+              preset="cpu", commit="abc123", cap=0.5, used=None, share=None, final_episodes=None,
+              recorded_episodes=None):
     """A mb2po-train workdir with AWAC ending at `awac` and MB2PO at `mb2po` (per-seed normalised scores);
     cap: its --max_penalty_share (None: a run from before the cap), used: the lambda per seed it recorded;
-    share: its --penalty_share, final_episodes: its --final_eval_episodes (None: runs from before them)."""
+    share: its --penalty_share, final_episodes: its --final_eval_episodes (None: runs from before them);
+    recorded_episodes: (AWAC, MB2PO) episode counts stored with the final scores (None: not stored)."""
     workdir = root / name
     (workdir / "checkpoints" / "awac").mkdir(parents=True)
     (workdir / "checkpoints" / "awac" / "big.bin").write_bytes(b"\0" * 100)
@@ -55,6 +57,8 @@ def _fake_run(root, name, awac, mb2po=None, *, awac_evals=(2000, 4000), mb2po_ev
         final = {"awac": {"normalized_score": awac, "return": [1.0] * seeds},
                  "mb2po": {"normalized_score": mb2po, "return": [2.0] * seeds,
                            **({} if used is None else {"penalty_coef": used})}}
+        for stage, episodes in zip(("awac", "mb2po"), recorded_episodes or ()):
+            final[stage]["episodes"] = episodes
         (workdir / "results.json").write_text(json.dumps({"dataset": name, "preset": preset, "num_seeds": seeds,
                                                           "final": final, "config": config}))
 
@@ -76,6 +80,14 @@ def test_report_names_the_share_rule_and_the_final_episodes(tmp_path):
     assert _row(md, "walker2d-medium-local")[2] == "5, set: 0.51, 0.47, 0.51", done.stderr
     assert "`--penalty_share`" in md and "reports every candidate tried" in md
     assert "evaluation episodes per seed: 10 (curves), 100 (final scores" in md
+    # A final score's own episode count wins over the settings (an MB2PO stage restarted under a preset
+    # with another count than its kept AWAC stage had).
+    mixed = tmp_path / "mixed"
+    _fake_run(mixed, "walker2d-medium-local", [30.0, 40.0, 20.0], [31.0, 33.0, 32.0], used=[0.51, 0.47, 0.51],
+              share=0.5, final_episodes=100, recorded_episodes=(10, 100))
+    done = _run("report", "--workdir", mixed, "--out", tmp_path / "mixed_results")
+    md = (tmp_path / "mixed_results" / "benchmark.md").read_text()
+    assert "10 (curves), 10 (1), 100 (1) (final scores" in md, done.stderr
 
 
 def test_report_table_curves_and_copies_that_regenerate_it(tmp_path):
