@@ -192,9 +192,10 @@ def main(argv):
         config = config_lib.make_config(FLAGS.preset, _overrides(), task)
         if FLAGS["penalty_coef"].present and config.mb2po.penalty_share > 0:
             # A lambda given by hand would be silently replaced by the share rule's (rollout.capped_penalty_coef).
+            source = "as given" if FLAGS["penalty_share"].present else f"the {FLAGS.preset} preset's rule"
             raise ConfigError(f"--penalty_coef={FLAGS.penalty_coef} would not be used: --penalty_share="
-                              f"{config.mb2po.penalty_share} sets lambda from the data (the {FLAGS.preset} "
-                              f"preset's rule, DESIGN.md); add --penalty_share=0 to set lambda by hand")
+                              f"{config.mb2po.penalty_share} ({source}; DESIGN.md) sets lambda from the data; "
+                              "add --penalty_share=0 to set lambda by hand")
         if FLAGS.print_config:  # before any JAX device is set up or touched
             return _print_config(dataset_name or DEFAULT_DATASET, task, config)
         several_processes = bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed)
