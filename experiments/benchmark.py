@@ -448,9 +448,11 @@ def _counted(values: list) -> str:
 def _final_episodes(run: dict) -> list:
     """Episodes per seed of each of a run's final scores: recorded with the score (`pipeline`), else (runs
     made before that) the run's --final_eval_episodes, else --eval_episodes."""
-    default = run["settings"].get("final_eval_episodes") or run["settings"].get("eval_episodes")
+    from mb2po_jax import config as config_lib
+
     finals = ((run["results"] or {}).get("final") or {}) if run["done"] else {}
-    return [final.get("episodes", default) for final in finals.values()] or [default]
+    return ([config_lib.recorded_final_episodes(run["settings"], final) for final in finals.values()]
+            or [config_lib.recorded_final_episodes(run["settings"])])
 
 
 def _commits(run: dict) -> list[str]:

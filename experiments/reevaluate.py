@@ -22,6 +22,8 @@ import statistics
 import subprocess
 import sys
 
+from mb2po_jax import config as config_lib
+
 STAGES = ("awac", "mb2po")
 
 
@@ -62,8 +64,8 @@ def table(out: str) -> str:
     for label in sorted(os.listdir(out)):
         record = json.load(open(os.path.join(out, label, "recorded.json")))
         recorded, config = record["final"], record["config"]
-        episodes = config.get("final_eval_episodes") or config.get("eval_episodes", 10)
         for stage in STAGES:
+            episodes = config_lib.recorded_final_episodes(config, recorded[stage]) or 10
             runs = [json.load(open(os.path.join(out, label, f"{stage}_seed{k}.json")))
                     for k in range(len(recorded[stage]["normalized_score"]))]
             scores = [_scores(d) for d in runs]

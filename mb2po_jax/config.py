@@ -265,6 +265,15 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def recorded_final_episodes(config: Mapping[str, Any], final: Mapping[str, Any] | None = None) -> int | None:
+    """Episodes per seed behind a recorded final score: the count stored with it (`final["episodes"]`), else
+    (runs made before that) the recorded config's final_eval_episodes, else its eval_episodes; None when the
+    record names none of them. The reading of `RunConfig.final_episodes` for config.json/results.json."""
+    if final and final.get("episodes") is not None:
+        return final["episodes"]
+    return config.get("final_eval_episodes") or config.get("eval_episodes")
+
+
 def identity(config: RunConfig) -> dict[str, Any]:
     """The settings that define what a run's checkpoints are: seed, seed count and every section's fields
     except its schedule (step counts, evaluation and checkpoint intervals may change to extend a run). A

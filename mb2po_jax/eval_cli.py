@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from mb2po_jax import config as config_lib
 from mb2po_jax.errors import ConfigError, Mb2poError
 
 EVAL_SEED_OFFSET = 10_000  # pipeline.Run._evaluate resets episodes from config seed + 10_000
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         source = policy_lib.find_policy(args.workdir, args.stage, args.seed)
         cfg = source.config
         episodes = (args.episodes if args.episodes is not None
-                    else int(cfg.get("final_eval_episodes") or cfg.get("eval_episodes", 10)))
+                    else int(config_lib.recorded_final_episodes(cfg) or 10))
         max_steps = (args.max_episode_steps if args.max_episode_steps is not None
                      else int(cfg.get("max_episode_steps", 1000)))
         if not 1 <= episodes <= 1000 or max_steps < 1:  # `evaluate` numbers reset seeds 1000 apart per seed
