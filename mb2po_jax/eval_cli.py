@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("workdir", help="a mb2po-train --workdir")
     parser.add_argument("--stage", choices=("awac", "mb2po", "online"), help="default: the newest finished stage")
     parser.add_argument("--seed", type=int, default=0, help="which of the run's seeds (default 0)")
-    parser.add_argument("--episodes", type=int, help="episodes (default: as many as the run's final evaluation: "
-                        "its --final_eval_episodes, else --eval_episodes)")
+    parser.add_argument("--episodes", type=int, help="episodes (default: as many as the stage's final evaluation ran: "
+                        "the count its checkpoint records, else the run's --final_eval_episodes, else "
+                        "--eval_episodes)")
     parser.add_argument("--max_episode_steps", type=int, help="default: the run's --max_episode_steps")
     parser.add_argument("--video", metavar="OUT.mp4", help="also render the first episode to this file")
     args = parser.parse_args(argv)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         source = policy_lib.find_policy(args.workdir, args.stage, args.seed)
         cfg = source.config
         episodes = (args.episodes if args.episodes is not None
-                    else int(config_lib.recorded_final_episodes(cfg) or 10))
+                    else int(config_lib.recorded_final_episodes(cfg, source.final) or 10))
         max_steps = (args.max_episode_steps if args.max_episode_steps is not None
                      else int(cfg.get("max_episode_steps", 1000)))
         if not 1 <= episodes <= 1000 or max_steps < 1:  # `evaluate` numbers reset seeds 1000 apart per seed

@@ -41,6 +41,7 @@ class PolicySource:
     finished: bool  # the stage's final checkpoint (it holds the stage's final evaluation)
     env_id: str
     config: dict  # config.json's "config": the resolved RunConfig as a dict
+    final: dict | None = None  # the final checkpoint's meta "final": the stage's final scores and episodes
 
     @property
     def num_seeds(self) -> int:
@@ -104,7 +105,8 @@ def find_policy(workdir: str, stage: str | None = None, seed: int = 0) -> Policy
                           f"0 to {num_seeds - 1}")
     step, meta = newest[stage]
     return PolicySource(workdir=workdir, stage=stage, seed=int(seed), step=int(step),
-                        finished=meta.get("final") is not None, env_id=env_id, config=config)
+                        finished=meta.get("final") is not None, env_id=env_id, config=config,
+                        final=meta.get("final"))
 
 
 def awac_config(config: dict) -> awac.AWACConfig:

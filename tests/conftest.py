@@ -22,6 +22,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("MB2PO_TESTS
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_xla_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
+# XLA:CPU's backend optimisation off for the session (`--xla_backend_optimization_level=0`, inherited by the
+# subprocesses): the tests' programs are tiny and compiled over and over, so compiling is most of their time,
+# and this halves it (RESULTS.md "Costs of the README's commands"). The tests check behaviour, which does not
+# depend on it; the programs training and the benchmarks run are compiled as XLA's defaults say.
+# MB2PO_TESTS_XLA_OPT=1 keeps XLA's default optimisation; an optimisation level in the caller's XLA_FLAGS stands.
+if (os.environ.get("MB2PO_TESTS_XLA_OPT", "0") != "1"
+        and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
 
 @pytest.fixture
 def data_dirs(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ ALL_STAGES = ["--stages=awac,dynamics,mb2po", "--dynamics_steps=60", "--dynamics
 
 def _env():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    # One CPU device per process: no host device count (conftest's other XLA flags kept).
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     return env
 
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -110,7 +111,7 @@ def test_load_policy_errors_are_one_line(finished, tmp_path):
         assert isinstance(info.value, Mb2poError) and "\n" not in str(info.value)
 
 
-def test_mb2po_eval_prints_one_json_line(finished):
+def test_mb2po_eval_prints_one_json_line(finished, tmp_path):
     workdir, _ = finished
     out = _eval(workdir, "--seed", 1, "--episodes", 2)
     assert out.returncode == 0, out.stderr
@@ -121,12 +122,19 @@ def test_mb2po_eval_prints_one_json_line(finished):
     assert result["return"] == pytest.approx(np.mean(result["returns"]))
     assert np.isfinite(result["normalized_score"]) and "mb2po-eval:" in out.stderr
 
-    # The run's own final episode count (--final_eval_episodes=3, not --eval_episodes=1) and seeds: the
+    # The stage's own final episode count (--final_eval_episodes=3, not --eval_episodes=1) and seeds: the
     # training's final evaluation of that seed, to the last bit (`policy.evaluation_act_fn`; a float32
-    # rescaling of the actions once gave other walker2d episodes).
+    # rescaling of the actions once gave other walker2d episodes). The count is the one the checkpoint
+    # recorded with the score, not config.json's (which a restart under other settings rewrites): a copy
+    # whose config.json says 1.
     final = json.loads((workdir / "results.json").read_text())["final"]
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    recorded = json.loads((copy / "config.json").read_text())
+    recorded["config"]["final_eval_episodes"] = 1
+    (copy / "config.json").write_text(json.dumps(recorded))
     for stage in ("awac", "mb2po"):
-        out = _eval(workdir, "--stage", stage, "--seed", 1)
+        out = _eval(copy, "--stage", stage, "--seed", 1)
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
         assert result["episodes"] == final[stage]["episodes"] == 3 and len(set(result["returns"])) > 1

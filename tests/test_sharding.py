@@ -137,7 +137,9 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
 def _run_on_host_devices(tmp_path, script_text, devices=4):
     script = tmp_path / "sharded.py"
     script.write_text(script_text.format(here=HERE))
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # (conftest's kept)
+    env = dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
