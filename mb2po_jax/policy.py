@@ -38,10 +38,14 @@ class PolicySource:
     stage: str  # "awac", "mb2po" or "online"
     seed: int  # index among the run's seeds
     step: int  # the checkpoint's step: AWAC steps or MB2PO iterations
-    finished: bool  # the stage's final checkpoint (it holds the stage's final evaluation)
     env_id: str
     config: dict  # config.json's "config": the resolved RunConfig as a dict
-    final: dict | None = None  # the final checkpoint's meta "final": the stage's final scores and episodes
+    final: dict | None  # the checkpoint meta's "final": the stage's final scores and episodes; None before
+
+    @property
+    def finished(self) -> bool:
+        """The stage's final checkpoint (it holds the stage's final evaluation)."""
+        return self.final is not None
 
     @property
     def num_seeds(self) -> int:
@@ -104,9 +108,8 @@ def find_policy(workdir: str, stage: str | None = None, seed: int = 0) -> Policy
         raise ConfigError(f"seed {seed} is out of range: {workdir} trained {num_seeds} seed(s), "
                           f"0 to {num_seeds - 1}")
     step, meta = newest[stage]
-    return PolicySource(workdir=workdir, stage=stage, seed=int(seed), step=int(step),
-                        finished=meta.get("final") is not None, env_id=env_id, config=config,
-                        final=meta.get("final"))
+    return PolicySource(workdir=workdir, stage=stage, seed=int(seed), step=int(step), env_id=env_id,
+                        config=config, final=meta.get("final"))
 
 
 def awac_config(config: dict) -> awac.AWACConfig:
