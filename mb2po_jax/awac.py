@@ -29,7 +29,6 @@ import math
 from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax

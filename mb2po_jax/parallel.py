@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mb2po_jax import awac, buffer as buf, mb2po, sharding
+from mb2po_jax import awac, mb2po, sharding
 from mb2po_jax.errors import ConfigError
 from mb2po_jax.termination import TerminationFn
 

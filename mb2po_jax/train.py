@@ -268,8 +268,8 @@ def help_text() -> str:
     ours = [name for name in FLAGS if name not in _LIBRARY_FLAGS and FLAGS[name].name == name]
     listed = {name for names in HELP_GROUPS.values() for name in names}
     groups = {**HELP_GROUPS, "other": sorted(set(ours) - listed)}
-    lines = [f"usage: mb2po-train [--flag=value ...]   (-h/--help: this list; --helpfull: every library's "
-             f"flags; --flagfile=FILE: flags from a file, one per line)", ""]
+    lines = ["usage: mb2po-train [--flag=value ...]   (-h/--help: this list; --helpfull: every library's "
+             "flags; --flagfile=FILE: flags from a file, one per line)", ""]
     for group, names in groups.items():
         names = [n for n in names if n in ours]
         if not names:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from benchmarks import awac as bench_awac
+from subprocess_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the checkout: `python -m benchmarks` runs from here
 
@@ -169,9 +170,8 @@ def test_more_devices_than_the_process_has_is_one_clear_error():
             "from benchmarks.common import bench_mesh\n"
             "from mb2po_jax.errors import ConfigError\n"
             "try:\n    bench_mesh(3)\nexcept ConfigError as e:\n    print(e)\n")
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), cwd=ROOT)
+                          env=cpu_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "--devices=3: only 1 cpu device(s)" in proc.stdout
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mb2po_jax import awac, buffer as buf, config as config_lib, mb2po, parallel, pipeline
+from mb2po_jax import awac, config as config_lib, mb2po, parallel, pipeline
 from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.errors import ConfigError

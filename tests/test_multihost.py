@@ -2,7 +2,6 @@
 collectives): one seed per process, one writer of the run's files, the same per-seed results as one process
 training both seeds, and a rerun that resumes from the checkpoints both processes wrote."""
 import json
-import os
 import re
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 
 from mb2po_jax import sharding
 from mb2po_jax.errors import ConfigError
+from subprocess_env import cpu_env
 from test_pipeline import TINY, _write_hopper_file
 
 AWAC = ["--preset=smoke", "--steps_per_call=10", "--eval_every=10", "--checkpoint_every=10", "--num_seeds=2",
@@ -23,13 +23,6 @@ ALL_STAGES = ["--stages=awac,dynamics,mb2po", "--dynamics_steps=60", "--dynamics
               "--mb2po_checkpoint_every=1"]
 
 
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    # One CPU device per process: no host device count (conftest's other XLA flags kept).
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -38,7 +31,7 @@ def _free_port() -> int:
 
 def _train(args):
     out = subprocess.run([sys.executable, "-m", "mb2po_jax.train", *args], capture_output=True, text=True,
-                         timeout=600, env=_env())
+                         timeout=600, env=cpu_env())
     assert out.returncode == 0, out.stderr
     return out
 
@@ -49,7 +42,7 @@ def _train_processes(args, n=2):
     procs = [subprocess.Popen([sys.executable, "-m", "mb2po_jax.train", *args,
                                f"--coordinator_address=localhost:{port}", f"--num_processes={n}",
                                f"--process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env()) for i in range(n)]
+                              text=True, env=cpu_env()) for i in range(n)]
     try:
         outs = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -147,7 +140,7 @@ def test_bad_process_flags_are_refused_before_initialising(kwargs, message, monk
 
 def test_bad_process_flags_one_error_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mb2po_jax.train", "--process_id=1", "--workdir",
-                          str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=_env())
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=cpu_env())
     assert out.returncode == 1
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--process_id needs" in errors[0], out.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import mb2po_jax
-from mb2po_jax import awac, config as config_lib, mb2po, networks, parallel, pipeline
+from mb2po_jax import awac, config as config_lib, networks, parallel, pipeline
 from mb2po_jax import policy as policy_lib
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.errors import ConfigError, Mb2poError, WorkdirError

@@ -8,11 +8,11 @@ import textwrap
 import types
 
 import jax
-import numpy as np
 import pytest
 
 from mb2po_jax import sharding
 from mb2po_jax.errors import ConfigError
+from subprocess_env import cpu_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -137,10 +137,8 @@ ROLLOUT_MESH_SCRIPT = textwrap.dedent("""
 def _run_on_host_devices(tmp_path, script_text, devices=4):
     script = tmp_path / "sharded.py"
     script.write_text(script_text.format(here=HERE))
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # (conftest's kept)
-    env = dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                         env=cpu_env(host_devices=devices))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 

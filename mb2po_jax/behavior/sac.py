@@ -19,7 +19,6 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
