@@ -502,9 +502,10 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
         "- Scores: D4RL-normalised return of each stage's final policy, mean ± std over seeds (ddof=1), then "
         "each seed; MB2PO - AWAC is per seed (MB2PO fine-tunes that seed's AWAC policy).",
         f"- Made by `python experiments/benchmark.py run --budget {budget if len(set(presets)) == 1 else 'BUDGET'}"
-        f" --seeds {_counted(seeds) if len(set(seeds)) == 1 else 'N'} --workdir runs/benchmark` and "
-        "`python experiments/benchmark.py report --workdir runs/benchmark --out results`; "
-        "`report --from results/runs --out results` regenerates this file from the copies in `runs/`.",
+        f" --seeds {_counted(seeds) if len(set(seeds)) == 1 else 'N'} --workdir runs/benchmark` at the commits "
+        "above (a preset means that commit's settings; each run's `config.json` records them) and "
+        "`python experiments/benchmark.py report --workdir runs/benchmark --out DIR`, DIR being this file's "
+        "folder; `report --from DIR/runs --out DIR` regenerates this file from the copies in `DIR/runs/`.",
         "",
         "| dataset | status | h, lambda | AWAC | AWAC+MB2PO | MB2PO - AWAC | paper Table 1 (v0): MB2PO - AWAC |",
         "|---|---|---|---|---|---|---|",

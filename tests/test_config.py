@@ -159,3 +159,15 @@ def test_default_workdir_names_tweaked_settings_apart_and_keeps_extended_runs_to
     assert workdir(penalty_coef=task["penalty_coef"]) == plain
     config = config_lib.make_config("smoke", {"seed": 0, "stages": ("awac",)}, task)
     assert config_lib.default_workdir("hopper-medium-replay-local", "smoke", config, task, "Hopper-v5") != plain
+
+
+def test_default_workdir_keeps_minari_ids_apart_and_names_a_file_by_its_name(tmp_path):
+    config = config_lib.make_config("smoke", {"seed": 0, "stages": ("awac",)})
+    names = [config_lib.default_workdir(d, "smoke", config) for d in
+             ("mujoco/hopper/medium-v0", "mujoco/walker2d/medium-v0")]
+    assert names == [os.path.join("workdirs", "mujoco_hopper_medium-v0_smoke_seed0"),
+                     os.path.join("workdirs", "mujoco_walker2d_medium-v0_smoke_seed0")]
+    data = tmp_path / "data" / "mine.hdf5"
+    data.parent.mkdir()
+    data.write_bytes(b"")
+    assert config_lib.default_workdir(str(data), "smoke", config) == os.path.join("workdirs", "mine.hdf5_smoke_seed0")
