@@ -20,6 +20,7 @@ dataset (OUT/benchmark_<dataset>.png; needs matplotlib: pip install -e ".[plot]"
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -628,6 +629,10 @@ def cmd_report(args) -> int:
     done = sum(r["done"] for r in runs.values())
     print(f"wrote {md_path}: {done} of {len(names)} datasets finished; copies in {runs_dir}")
     curves = [name for name in names if runs[name]["evals"]]
+    for stale in sorted(glob.glob(os.path.join(args.out, "benchmark_*.png"))):  # a run whose copy is gone
+        if os.path.basename(stale)[len("benchmark_"):-len(".png")] not in curves:
+            os.remove(stale)
+            print(f"removed {stale}: no run of that dataset in {runs_dir}")
     if args.no_plots or not curves:
         return 0
     try:

@@ -166,6 +166,10 @@ def test_report_table_curves_and_copies_that_regenerate_it(tmp_path):
                                                       "hopper-expert-local")}
     assert done.returncode == 0, done.stderr
     assert all((out / c).stat().st_size > 10_000 for c in curves)
+    # The unfinished run gone from the workdir root takes its curve with it.
+    again = _run("report", "--workdir", runs, "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert {p.name for p in out.glob("benchmark_*.png")} == curves - {"benchmark_hopper-expert-local.png"}
 
 
 def test_report_before_any_run(tmp_path):
