@@ -288,11 +288,10 @@ def identity(config: RunConfig) -> dict[str, Any]:
 def default_workdir(dataset: str, preset: str, config: RunConfig, task: Mapping[str, Any] | None = None,
                     env: str | None = None) -> str:
     """`workdirs/<dataset>_<preset>_seed<seed>` for the preset's own settings (a file: its name; a Minari
-    id: with `_` for `/`); with a `_<8 hex digits>`
-    suffix, a hash of the run's identity (and `env`, if given), when flags change what the run is (say
-    --penalty_coef or --num_seeds), so a tweaked run starts in its own workdir instead of being refused by
-    the untweaked one's. Schedule flags (--awac_steps, --mb2po_iterations, ...) keep the name: a rerun with
-    more steps extends the run."""
+    id: with `_` for `/`); with a `_<8 hex digits>` suffix, a hash of the run's identity (and `env`, if
+    given), when flags change what the run is (say --penalty_share or --num_seeds), so a tweaked run starts
+    in its own workdir instead of being refused by the untweaked one's. Schedule flags (--awac_steps,
+    --mb2po_iterations, ...) keep the name: a rerun with more steps extends the run."""
     # A file by its name; a registry id (a Minari id's slashes included) whole, so ids stay apart.
     dataset_part = os.path.basename(dataset) if os.path.isfile(dataset) else dataset.replace("/", "_")
     name = f"{dataset_part}_{preset}_seed{config.seed}"
