@@ -40,6 +40,7 @@ STAGES = ("awac", "dynamics", "mb2po")
 LOG_FILE = "benchmark.log"
 LAUNCH_FILE = "benchmark.json"  # written by `run` into each dataset's workdir: its settings and commits
 EVALS_FILE = "evals.jsonl"
+CURVE_FILE = "benchmark_{}.png"  # one learning curve per dataset, beside benchmark.md
 COPIED = ("results.json", "config.json", LAUNCH_FILE, EVALS_FILE)
 TRAIN_ENV = "MB2PO_TRAIN"  # as in sweep.py: replaces the training executable (split on whitespace)
 
@@ -537,7 +538,7 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
     curves = [n for n in names if runs[n]["evals"]]
     if curves:
         lines += ["Learning curves (normalised score against training progress, AWAC then MB2PO): "
-                  + ", ".join(f"[{n}](benchmark_{n}.png)" for n in curves) + ".", ""]
+                  + ", ".join(f"[{n}]({CURVE_FILE.format(n)})" for n in curves) + ".", ""]
     return "\n".join(lines)
 
 
@@ -628,11 +629,10 @@ def cmd_report(args) -> int:
         f.write(render(names, runs))
     done = sum(r["done"] for r in runs.values())
     print(f"wrote {md_path}: {done} of {len(names)} datasets finished; copies in {runs_dir}")
-    curves = [name for name in names if runs[name]["evals"]]
-    for stale in sorted(glob.glob(os.path.join(args.out, "benchmark_*.png"))):  # a run whose copy is gone
-        if os.path.basename(stale)[len("benchmark_"):-len(".png")] not in curves:
-            os.remove(stale)
-            print(f"removed {stale}: no run of that dataset in {runs_dir}")
+    curves = {name: os.path.join(args.out, CURVE_FILE.format(name)) for name in names if runs[name]["evals"]}
+    for stale in sorted(set(glob.glob(os.path.join(args.out, CURVE_FILE.format("*")))) - set(curves.values())):
+        os.remove(stale)  # the curve of a run whose copy is gone
+        print(f"removed {stale}: no run of that dataset in {runs_dir}")
     if args.no_plots or not curves:
         return 0
     try:
@@ -644,8 +644,7 @@ def cmd_report(args) -> int:
         print("error: plots need matplotlib, which is not installed (pip install -e \".[plot]\"); "
               f"{md_path} was written; --no_plots skips the plots", file=sys.stderr)
         return 1
-    for name in curves:
-        path = os.path.join(args.out, f"benchmark_{name}.png")
+    for name, path in curves.items():
         plot_curve(plt, name, runs[name], path)
         print(f"wrote {path}")
     return 0
