@@ -614,6 +614,20 @@ def save_figure(plt, fig, ax, path: str) -> None:
     plt.close(fig)
 
 
+def pyplot(written: str):
+    """matplotlib.pyplot on the Agg backend; without matplotlib (an optional extra), an error that says
+    `written` was written and how to do without the plots."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchmarkError(f"plots need matplotlib, which is not installed (pip install -e \".[plot]\"); "
+                             f"{written} was written; --no_plots skips the plots") from None
+    return plt
+
+
 def cmd_report(args) -> int:
     source = args.source
     if not os.path.isdir(source):
@@ -635,15 +649,7 @@ def cmd_report(args) -> int:
         print(f"removed {stale}: no run of that dataset in {runs_dir}")
     if args.no_plots or not curves:
         return 0
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("error: plots need matplotlib, which is not installed (pip install -e \".[plot]\"); "
-              f"{md_path} was written; --no_plots skips the plots", file=sys.stderr)
-        return 1
+    plt = pyplot(md_path)
     for name, path in curves.items():
         plot_curve(plt, name, runs[name], path)
         print(f"wrote {path}")

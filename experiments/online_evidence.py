@@ -33,8 +33,8 @@ whitespace; tests use stand-ins).
 online stage's evaluation lines of metrics.jsonl (evals.jsonl), and for SAC each seed's run.json and
 evaluation records, to OUT/online_runs/<dataset>/<arm>/, then writes OUT/online.md from those copies alone
 (`report --from OUT/online_runs` regenerates it byte for byte) and one PNG per dataset,
-OUT/online_<dataset>.png (normalised score against online environment steps; needs matplotlib, else skipped
-with one line).
+OUT/online_<dataset>.png (normalised score against online environment steps; needs matplotlib: without it,
+one error line after the table is written, exit status 1; --no_plots skips the plots).
 """
 from __future__ import annotations
 
@@ -848,14 +848,7 @@ def cmd_report(args) -> int:
     datasets = [d for d, rows in table.items() if any(a["curve"][0] for a in rows.values())]
     if args.no_plots or not datasets:
         return 0
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("PNGs skipped: matplotlib is not installed (pip install -e \".[plot]\"); the table was written")
-        return 0
+    plt = benchmark.pyplot(md_path)
     for dataset in datasets:
         path = os.path.join(args.out, f"online_{dataset}.png")
         plot_dataset(plt, dataset, table[dataset], path)
