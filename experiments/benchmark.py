@@ -628,6 +628,14 @@ def pyplot(written: str):
     return plt
 
 
+def remove_stale(pattern: str, drawn: set[str], why: str) -> None:
+    """Remove the figures matching `pattern` that this report does not draw (a run whose copy is gone), so that
+    no older figure is left beside the table looking current."""
+    for stale in sorted(set(glob.glob(pattern)) - drawn):
+        os.remove(stale)
+        print(f"removed {stale}: {why}")
+
+
 def cmd_report(args) -> int:
     source = args.source
     if not os.path.isdir(source):
@@ -644,9 +652,8 @@ def cmd_report(args) -> int:
     done = sum(r["done"] for r in runs.values())
     print(f"wrote {md_path}: {done} of {len(names)} datasets finished; copies in {runs_dir}")
     curves = {name: os.path.join(args.out, CURVE_FILE.format(name)) for name in names if runs[name]["evals"]}
-    for stale in sorted(set(glob.glob(os.path.join(args.out, CURVE_FILE.format("*")))) - set(curves.values())):
-        os.remove(stale)  # the curve of a run whose copy is gone
-        print(f"removed {stale}: no run of that dataset in {runs_dir}")
+    remove_stale(os.path.join(args.out, CURVE_FILE.format("*")), set(curves.values()),
+                 f"no run of that dataset in {runs_dir}")
     if args.no_plots or not curves:
         return 0
     plt = pyplot(md_path)

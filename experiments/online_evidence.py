@@ -34,7 +34,8 @@ online stage's evaluation lines of metrics.jsonl (evals.jsonl), and for SAC each
 evaluation records, to OUT/online_runs/<dataset>/<arm>/, then writes OUT/online.md from those copies alone
 (`report --from OUT/online_runs` regenerates it byte for byte) and one PNG per dataset,
 OUT/online_<dataset>.png (normalised score against online environment steps; needs matplotlib: without it,
-one error line after the table is written, exit status 1; --no_plots skips the plots).
+one error line after the table is written, exit status 1; --no_plots skips the plots). The PNG of a dataset
+with no evaluations among the copies is removed, so that an older figure is not left looking current.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ BUDGETS = ("smoke", "cpu", "paper")
 LOG_FILE = "online_evidence.log"
 LAUNCH_FILE = "online_evidence.json"  # written by `run` into each arm's directory: its settings and commits
 EVALS_FILE = "evals.jsonl"
+CURVE_FILE = "online_{}.png"  # one figure per dataset, beside online.md
 RUN_FILE = "run.json"  # train-behavior's settings (env id, seed, BehaviorConfig)
 COPIED = ("results.json", "config.json", LAUNCH_FILE, EVALS_FILE, RUN_FILE)
 SAC_PREFIX = "sac_seed"
@@ -797,8 +799,9 @@ def render(table: dict[str, dict[str, dict]]) -> str:
             lines.append(f"| {_arm_label(name)} | {arm['status']} | " + " | ".join(_row(arm)) + " |")
         lines.append("")
         if any(arm["curve"][0] for arm in rows.values()):
-            lines += [f"Curves: [online_{dataset}.png](online_{dataset}.png) (normalised score against online "
-                      "environment steps; mean over seeds and min-max band).", ""]
+            curve = CURVE_FILE.format(dataset)
+            lines += [f"Curves: [{curve}]({curve}) (normalised score against online environment steps; mean over "
+                      "seeds and min-max band).", ""]
     return "\n".join(lines)
 
 
@@ -845,12 +848,14 @@ def cmd_report(args) -> int:
     done = sum(a["done"] for rows in table.values() for a in rows.values())
     total = sum(len(rows) for rows in table.values())
     print(f"wrote {md_path}: {done} of {total} arms finished; copies in {runs_dir}")
-    datasets = [d for d, rows in table.items() if any(a["curve"][0] for a in rows.values())]
-    if args.no_plots or not datasets:
+    curves = {d: os.path.join(args.out, CURVE_FILE.format(d)) for d, rows in table.items()
+              if any(a["curve"][0] for a in rows.values())}
+    benchmark.remove_stale(os.path.join(args.out, CURVE_FILE.format("*")), set(curves.values()),
+                           f"no arm of that dataset with evaluations in {runs_dir}")
+    if args.no_plots or not curves:
         return 0
     plt = benchmark.pyplot(md_path)
-    for dataset in datasets:
-        path = os.path.join(args.out, f"online_{dataset}.png")
+    for dataset, path in curves.items():
         plot_dataset(plt, dataset, table[dataset], path)
         print(f"wrote {path}")
     return 0
