@@ -395,8 +395,7 @@ def _stage_scores(run: dict, stage: str) -> list[float] | None:
     """Final normalised scores of a stage: results.json's when done, else the evaluation at the stage's end."""
     if run["done"] and stage in run["results"]["final"]:
         return run["results"]["final"][stage]["normalized_score"]
-    end = run["settings"].get("awac_steps") if stage == "awac" else run["settings"].get("mb2po", {}).get(
-        "iterations")
+    end = run["settings"].get("awac_steps") if stage == "awac" else _mb2po(run).get("iterations")
     last = [e for e in run["evals"] if e["stage"] == stage and e["step"] == end]
     return last[-1]["normalized_score"] if last else None
 
@@ -467,6 +466,11 @@ def _commits(run: dict) -> list[str]:
     return [c for c in found if c]
 
 
+def _mb2po(run: dict) -> dict:
+    """The MB2PO settings a run recorded ({} before it started)."""
+    return run["settings"].get("mb2po", {})
+
+
 def render(names: list[str], runs: dict[str, dict]) -> str:
     started = [runs[n] for n in names if runs[n]["started"]]
     presets = [(r["config"] or r["results"] or {}).get("preset") for r in started]
@@ -494,19 +498,21 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
         *(["- h, lambda: MOPO's per-task table; `--max_penalty_share` (0.5 in the `cpu` preset) caps each seed's "
            "lambda so the penalty takes at most that share of the data's mean |r| on the data: where it bound, "
            "each seed's lambda is shown as `capped: ...`; runs made before the cap existed are marked so."]
-          if any("max_penalty_share" in runs[n]["settings"].get("mb2po", {}) for n in names) else []),
-        *(["- lambda with `--penalty_share` (0.5 in the `cpu` preset since issue 18's rule): set per seed so that "
-           "the penalty takes that share of the data's mean |r| on the data, in place of the table's lambda; "
+          if any("max_penalty_share" in _mb2po(runs[n]) and not _mb2po(runs[n]).get("penalty_share")
+                 for n in names) else []),
+        *(["- h, lambda with `--penalty_share` (0.5 in the `cpu` preset since issue 18's rule): h from MOPO's "
+           "per-task table; lambda set per seed so that the penalty takes that share of the data's mean |r| on "
+           "the data, in place of the table's; "
            "shown as `set: ...`. The rule (with omega = 0.5 and 100k dynamics steps) was chosen among five "
            "candidates on the evaluation returns of walker2d-medium and the three medium-expert datasets; "
            "RESULTS.md, \"A rule across the four losing datasets\", reports every candidate tried."]
-          if any(runs[n]["settings"].get("mb2po", {}).get("penalty_share") for n in names) else []),
+          if any(_mb2po(runs[n]).get("penalty_share") for n in names) else []),
         "- Scores: D4RL-normalised return of each stage's final policy, mean ± std over seeds (ddof=1), then "
         "each seed; MB2PO - AWAC is per seed (MB2PO fine-tunes that seed's AWAC policy).",
         f"- Made by `python experiments/benchmark.py run --budget {budget if len(set(presets)) == 1 else 'BUDGET'}"
-        f" --seeds {_counted(seeds) if len(set(seeds)) == 1 else 'N'} --workdir runs/benchmark` at the commits "
+        f" --seeds {_counted(seeds) if len(set(seeds)) == 1 else 'N'} --workdir WORKDIR` at the commits "
         "above (a preset means that commit's settings; each run's `config.json` records them) and "
-        "`python experiments/benchmark.py report --workdir runs/benchmark --out DIR`, DIR being this file's "
+        "`python experiments/benchmark.py report --workdir WORKDIR --out DIR`, DIR being this file's "
         "folder; `report --from DIR/runs --out DIR` regenerates this file from the copies in `DIR/runs/`.",
         "",
         "| dataset | status | h, lambda | AWAC | AWAC+MB2PO | MB2PO - AWAC | paper Table 1 (v0): MB2PO - AWAC |",
@@ -515,7 +521,7 @@ def render(names: list[str], runs: dict[str, dict]) -> str:
     diffs = []  # (dataset, per-seed differences) of finished runs
     for name in names:
         run = runs[name]
-        mcfg = run["settings"].get("mb2po", {})
+        mcfg = _mb2po(run)
         hl = f"{mcfg['horizon']}, {mcfg['penalty_coef']}" if "horizon" in mcfg else ""
         used = run["results"]["final"].get("mb2po", {}).get("penalty_coef") if run["done"] else None
         if hl and mcfg.get("penalty_share"):

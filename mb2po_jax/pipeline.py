@@ -728,7 +728,7 @@ class Run:
         if mcfg.penalty_share:
             how = (f"lambda set to {fmt(lam)} (--penalty_share={mcfg.penalty_share}"
                    + (f", at most --max_penalty_share={mcfg.max_penalty_share}" if mcfg.max_penalty_share else "")
-                   + "; --penalty_share=0 keeps the task's lambda)")
+                   + "; --penalty_share=0 --max_penalty_share=0 keeps the task's lambda)")
         elif capped:
             how = (f"lambda capped to {fmt(lam)} (--max_penalty_share={mcfg.max_penalty_share}; 0 keeps the "
                    "task's lambda)")

@@ -29,7 +29,7 @@ flags.DEFINE_string("dataset", None, "D4RL name (hopper-medium-replay-v2), local
 flags.DEFINE_string("env", None, "Gymnasium env id overriding the one implied by the dataset.")
 flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists). "
                     "Default: workdirs/<dataset>_<preset>_seed<seed>, with _<hash> of the settings added "
-                    "when flags change what the run is (e.g. --penalty_coef; not step counts).")
+                    "when flags change what the run is (e.g. --penalty_share; not step counts).")
 flags.DEFINE_string("preset", "smoke", f"One of {sorted(config_lib.PRESETS)}.")
 flags.DEFINE_list("stages", ["awac"], f"Stages to run, from {','.join(config_lib.STAGES)}.")
 flags.DEFINE_integer("seed", 0, "Base seed; seed axis s uses key split(PRNGKey(seed), num_seeds)[s].")
@@ -85,7 +85,8 @@ flags.DEFINE_float("omega", None, "Fraction of each batch from the offline data 
                    "smoke/cpu 0.5).")
 flags.DEFINE_integer("horizon", None, "Rollout horizon h (default: per task, MOPO's table).")
 flags.DEFINE_float("penalty_coef", None, "Uncertainty penalty lambda (default: per task, MOPO's table); refused "
-                   "while --penalty_share > 0 (the smoke/cpu presets: add --penalty_share=0 to use it).")
+                   "while --penalty_share > 0 (the smoke/cpu presets: add --penalty_share=0 to use it, and "
+                   "--max_penalty_share=0 so that their cap does not lower it).")
 flags.DEFINE_float("max_penalty_share", None, "Cap on lambda (smoke/cpu presets 0.5; paper preset 0 = "
                    "off): lambda is lowered per seed so that lambda * mean u on the dataset's own pairs is at "
                    "most this share of the data's mean |r| (rollout.capped_penalty_coef; DESIGN.md).")
@@ -119,7 +120,7 @@ flags.DEFINE_float("online_ratio_start", None, "Anti-collapse option (c): the on
 flags.DEFINE_integer("online_ratio_anneal_steps", None, "Anti-collapse option (c): environment steps over which "
                      "the online ratio goes from --online_ratio_start to --online_ratio (default 0: off).")
 flags.DEFINE_boolean("online_model", None, "MB2PO arm of the online stage: every --online_steps_per_call "
-                     "environment steps, --imagined_steps imagined steps (--horizon, --penalty_coef) from online "
+                     "environment steps, --imagined_steps imagined steps (--horizon, MB2PO's lambda) from online "
                      "states into a ring of --num_slots; needs a finished dynamics stage (default off).")
 flags.DEFINE_float("model_ratio", None, "With --online_model: fraction of each AWAC batch from the model ring "
                    "(default 0.25; --online_ratio + --model_ratio <= 1, the rest is offline data).")
@@ -195,7 +196,8 @@ def main(argv):
             source = "as given" if FLAGS["penalty_share"].present else f"the {FLAGS.preset} preset's rule"
             raise ConfigError(f"--penalty_coef={FLAGS.penalty_coef} would not be used: --penalty_share="
                               f"{config.mb2po.penalty_share} ({source}; DESIGN.md) sets lambda from the data; "
-                              "add --penalty_share=0 to set lambda by hand")
+                              "add --penalty_share=0 to set lambda by hand (and --max_penalty_share=0 so that no "
+                              "cap lowers it)")
         if FLAGS.print_config:  # before any JAX device is set up or touched
             return _print_config(dataset_name or DEFAULT_DATASET, task, config)
         several_processes = bool(FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.distributed)

@@ -79,6 +79,8 @@ def test_report_names_the_share_rule_and_the_final_episodes(tmp_path):
     md = (out / "benchmark.md").read_text()
     assert _row(md, "walker2d-medium-local")[2] == "5, set: 0.51, 0.47, 0.51", done.stderr
     assert "`--penalty_share`" in md and "reports every candidate tried" in md
+    assert "h from MOPO's per-task table" in md and "caps each seed's lambda" not in md  # the cap: table lambdas
+    assert "--workdir WORKDIR` at the commits above" in md  # not a path the runs may not have used
     assert "evaluation episodes per seed: 10 (curves), 100 (final scores" in md
     # A final score's own episode count wins over the settings (an MB2PO stage restarted under a preset
     # with another count than its kept AWAC stage had).

@@ -34,7 +34,7 @@ def test_example_expands_to_every_combination_with_exact_flags():
     assert len(commands) == 2 * 3 * 2
     assert commands[0] == [
         "mb2po-train", "--dataset=hopper-medium-replay-local", "--seed=0", "--penalty_coef=0.5",
-        "--preset=cpu", "--stages=awac,dynamics,mb2po", "--penalty_share=0",
+        "--preset=cpu", "--stages=awac,dynamics,mb2po", "--penalty_share=0", "--max_penalty_share=0",
         "--workdir=runs/sweeps/medium-replay-penalty/hopper-medium-replay-local__seed0__penalty_coef0.5",
     ]
     assert commands[-1][1:4] == ["--dataset=walker2d-medium-replay-local", "--seed=2", "--penalty_coef=1.0"]

@@ -282,6 +282,7 @@ def test_cli_refuses_a_hand_set_lambda_the_share_rule_would_replace(tmp_path, da
     assert out.returncode == 1
     (error,) = _errors(out)
     assert "--penalty_coef=2.0 would not be used" in error and "--penalty_share=0" in error, error
+    assert "--max_penalty_share=0" in error, error
     assert not workdir.exists()
     out = _train(["--dataset", data, *AWAC, "--penalty_coef=2", "--penalty_share=0", "--print_config"])
     assert out.returncode == 0, out.stderr
