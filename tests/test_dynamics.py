@@ -125,12 +125,16 @@ def test_snapshot_kept_when_holdout_loss_rises_and_restored():
 
 def test_fit_stops_when_no_member_improves_and_returns_best():
     system = LinearSystem(1)
-    # Zero learning rate: the holdout loss never changes after the first evaluation (inf -> value).
-    cfg = dyn.DynamicsConfig(num_members=2, num_elites=1, learning_rate=0.0, max_epochs_since_improvement=2,
-                             **SMALL)
+    # Only a 99 % drop of the holdout MSE counts as an improvement: the first epoch always improves (inf ->
+    # value), the next two train on but improve no member, so the fit stops after them with its params
+    # moved past the snapshot of epoch 1 and must hand back that snapshot.
+    cfg = dyn.DynamicsConfig(num_members=2, num_elites=1, improvement_threshold=0.99,
+                             max_epochs_since_improvement=2, **SMALL)
     state, history = dyn.fit_dynamics(jax.random.PRNGKey(0), system.data(600), cfg, max_epochs=50)
     assert len(history) == 3
     assert [h["epochs_since_improvement"] for h in history] == [0, 1, 2]
+    assert history[2]["holdout_mse"] != history[0]["holdout_mse"]  # the params moved after the snapshot
+    assert history[2]["best_holdout_mse"] == history[0]["holdout_mse"]
     for p, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(state.best_params)):
         np.testing.assert_array_equal(p, b)
 

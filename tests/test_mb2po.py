@@ -5,12 +5,13 @@ import shutil
 import subprocess
 import sys
 
+import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mb2po_jax import awac, config as config_lib, mb2po, parallel, pipeline
+from mb2po_jax import awac, config as config_lib, mb2po, parallel, pipeline, rollout as ro
 from mb2po_jax.data.transitions import Transitions
 from mb2po_jax.checkpoint import Checkpointer
 from mb2po_jax.errors import ConfigError
@@ -76,6 +77,30 @@ def test_iteration_fills_the_ring_with_penalised_model_rows():
     # The seeds are independent programs: different policies, so different imagined actions.
     acts = np.asarray(state.buffer.actions)
     assert not np.allclose(acts[0], acts[1])
+
+
+def test_learn_draws_omega_of_every_batch_from_the_data(monkeypatch):
+    """Algorithm 1's mix inside MB2PO's learn step: each AWAC batch takes round(omega * B) rows of D_beta
+    (reward 7 here) and the rest from the ring this iteration's rollout filled (reward 1 - penalty < 1)."""
+    means = np.array([[0.0, 0.0, 1.0]] * 3)
+    dyn_state = hand_state(means, np.full((3, 3), -2.0), elites=[0, 1, 2])
+    data = _dataset()
+    batches = []
+
+    def train_steps(agent, pair, num_steps, sample_fn):  # one batch drawn as the scan's body would
+        batches.append(sample_fn(pair, jax.random.PRNGKey(num_steps), 40))
+        return agent, {}
+
+    monkeypatch.setattr(awac, "train_steps", train_steps)
+    for omega in (0.0, 0.25, 0.5, 1.0):
+        cfg = mb2po.MB2POConfig(imagined_steps=100, num_slots=2, horizon=4, penalty_coef=2.0, omega=omega)
+        state = jax.tree.map(lambda x: x[0], mb2po.init_seeds(_agents(1), cfg, OBS, ACT))
+        imagined = mb2po.imagine(state.agent, dyn_state, data.observations, jnp.float32(2.0), config=cfg,
+                                 termination_fn=never_terminate)
+        mb2po.learn(state, imagined, data, config=cfg)
+        rewards = np.asarray(batches[-1].rewards)
+        assert rewards.shape == (40,) and np.sum(rewards == 7.0) == round(omega * 40), omega
+        assert np.all(rewards[round(omega * 40):] < 1.0), omega  # the model rows, after the data's
 
 
 def test_terminated_trajectories_stop_adding_rows():
@@ -217,6 +242,16 @@ def test_pipeline_sets_lambda_by_the_share_of_reward_it_takes_on_the_data(tmp_pa
     lam, u, r = np.array(final["penalty_coef"]), np.array(final["data_uncertainty"]), final["data_mean_abs_reward"]
     assert lam.shape == (2,) and np.all(lam < 1000.0) and u[0] != u[1]  # each seed its own ensemble
     np.testing.assert_allclose(lam * u / r, 0.5, rtol=1e-5)
+    # r and u are the data's: the file's own mean |reward|, and each seed's finished ensemble (best
+    # snapshots) over the file's pairs.
+    with h5py.File(data, "r") as f:
+        obs, act, rewards = f["observations"][:], f["actions"][:], f["rewards"][:]
+    np.testing.assert_allclose(r, np.mean(np.abs(rewards)), rtol=1e-6)
+    models = run.finished_dynamics()
+    rollout_cfg = run.config.mb2po.rollout_config()
+    own = [float(ro.dataset_uncertainty(jax.tree.map(lambda x: x[s], models), jnp.asarray(obs), jnp.asarray(act),
+                                        rollout_cfg)) for s in range(2)]
+    np.testing.assert_allclose(u, own, rtol=1e-4)
 
     def penalties(workdir):
         lines = [json.loads(l) for l in (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()]
