@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -173,6 +174,45 @@ def test_three_stages_write_metrics_and_resume_exactly(tmp_path):
     steps = [json.loads(l)["step"] for l in (split / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["stage"] == "mb2po" and "return" not in json.loads(l)]
     assert steps == [1, 2, 3, 4]  # each iteration's line once
+
+
+def test_dynamics_stopped_mid_stage_resumes_to_the_uninterrupted_ensembles(tmp_path, monkeypatch):
+    """A SIGTERM after the dynamics stage's 5th epoch stops it there with a checkpoint; a new process
+    resumes from it and ends with the ensembles, bit for bit, and the per-epoch records of a run that was
+    never stopped (the epoch keys, bootstrap and early-stopping state all come back)."""
+    data = _write_hopper_file(tmp_path / "tiny.hdf5", n=1200)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    stages = ("awac", "dynamics")
+    run_a, _ = _run(straight, data, stages=stages)
+    shutil.copytree(straight, split)
+    make_epoch_fn = pipeline.dyn.make_train_epoch_seeds
+
+    def stopping_after_5_epochs(config):
+        epoch_fn, calls = make_epoch_fn(config), [0]
+
+        def call(*args):
+            out = epoch_fn(*args)
+            calls[0] += 1
+            if calls[0] == 5:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler the run installed sets its flag
+            return out
+        return call
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.dyn, "make_train_epoch_seeds", stopping_after_5_epochs)
+        with pytest.raises(pipeline.Stopped):
+            _run(split, data, stages=stages, restart_from="dynamics")
+    records = lambda w: [r for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+                         if r["stage"] == "dynamics"]
+    assert [r["epoch"] for r in records(split)] == [[e, e] for e in range(1, 6)]  # stopped after epoch 5
+    run_b, _ = _run(split, data, stages=stages)  # the stage resumes (a fresh Run, as a new process makes)
+    done = [r for r in records(straight)]
+    assert len(done) > 5 and [r["epoch"] for r in records(split)] == [r["epoch"] for r in done]
+    for a, b in zip(done, records(split)):
+        for k in ("train_loss", "holdout_mse", "best_holdout_mse", "elites", "updates"):
+            np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]), err_msg=f"epoch {a['epoch']} {k}")
+    for x, y in zip(jax.tree.leaves(run_a.finished_dynamics()), jax.tree.leaves(run_b.finished_dynamics())):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_mb2po_alone_needs_finished_earlier_stages(tmp_path):
