@@ -37,7 +37,9 @@ setup(
         "minari": ["minari[hdf5]>=0.5,<0.6"],
         # wheel: tests/test_config.py builds the package offline (pip wheel --no-build-isolation).
         # tensorboard: tests/test_logger.py reads the event files back with TensorBoard's own reader.
-        "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6", "wheel", "matplotlib>=3.7", "tensorboard>=2.14,<3"],
+        # imageio, imageio-ffmpeg: tests/test_policy_eval.py records a video and checks a renderer's failure.
+        "test": ["pytest>=8", "minari[hdf5]>=0.5,<0.6", "wheel", "matplotlib>=3.7", "tensorboard>=2.14,<3",
+                 "imageio>=2.9", "imageio-ffmpeg>=0.4"],
         # Learning curves: `mb2po-plot` and `experiments/benchmark.py report`.
         "plot": ["matplotlib>=3.7"],
         # `mb2po-eval --video`: imageio's mp4 writer (imageio-ffmpeg ships an ffmpeg binary).

@@ -159,6 +159,7 @@ def test_mb2po_eval_without_rendering_says_so_in_one_line(finished, tmp_path):
     out = _eval(workdir, "--video", video, env={**os.environ, "MUJOCO_GL": "nonsense"})
     assert out.returncode == 1
     assert out.stderr.startswith("error: --video") and len(out.stderr.splitlines()) == 1, out.stderr
+    assert "cannot render Hopper" in out.stderr and "MUJOCO_GL=nonsense" in out.stderr, out.stderr  # the renderer
     assert out.stdout == "" and not video.exists()
 
     out = _eval(tmp_path / "missing")
