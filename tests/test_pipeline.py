@@ -243,3 +243,30 @@ def test_bad_dataset_exits_nonzero_with_one_line(tmp_path, problem):
     assert len(error_lines) == 1 and "bad.hdf5" in error_lines[0], out.stderr
     assert "Traceback" not in out.stderr
     assert not (workdir / "results.json").exists()
+
+
+def test_actions_outside_unit_bounds_are_rescaled_for_the_policy_and_back(tmp_path):
+    """An env whose action bounds are not [-1, 1] (Pendulum-v1: torque in [-2, 2]): D_beta reaches AWAC and
+    MB2PO with its actions in the policy's [-1, 1] scale, and the policy's actions go back to the env's
+    bounds; with asymmetric bounds too (the two maps are each other's inverse, ends to ends)."""
+    from mb2po_jax.data.envs import EnvSpaces
+
+    rng = np.random.default_rng(0)
+    n = 400
+    obs = rng.normal(size=(n, 3)).astype(np.float32)
+    torque = rng.uniform(-2, 2, size=(n, 1)).astype(np.float32)
+    timeouts = np.zeros(n, bool)
+    timeouts[199::200] = True
+    path = tmp_path / "pendulum.hdf5"
+    write_d4rl_hdf5(path, {"observations": obs, "actions": torque, "rewards": rng.normal(size=n).astype(np.float32),
+                           "next_observations": obs, "terminals": np.zeros(n, bool), "timeouts": timeouts},
+                    {"env_id": "Pendulum-v1"})
+    run = pipeline.Run(str(tmp_path / "run"), str(path), None, config_lib.make_config("smoke"), log=lambda m: None)
+    assert not run.spaces.unit_actions
+    np.testing.assert_allclose(np.asarray(run._device_dataset().actions), torque / 2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(run.spaces.from_unit_actions(torque / 2), torque, rtol=1e-6, atol=1e-6)
+
+    spaces = EnvSpaces("x", (3,), (2,), np.array([-2.0, 0.5]), np.array([0.0, 3.0]))
+    np.testing.assert_allclose(spaces.from_unit_actions([[-1, -1], [1, 1], [0, 0]]), [[-2, 0.5], [0, 3], [-1, 1.75]])
+    unit = rng.uniform(-1, 1, size=(50, 2))
+    np.testing.assert_allclose(spaces.to_unit_actions(spaces.from_unit_actions(unit)), unit, atol=1e-6)
