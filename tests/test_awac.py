@@ -463,19 +463,22 @@ def test_critic_options_are_validated():
         awac.AWACConfig(num_quantiles=0)
 
 
-def test_actor_update_through_the_vjp_equals_the_plain_loss_gradient():
+@pytest.mark.parametrize("transform", [False, True], ids=["plain", "value_transform"])
+def test_actor_update_through_the_vjp_equals_the_plain_loss_gradient(transform):
     """`update` takes the actor's gradient through a VJP of one forward (shared with the baseline's action
-    sample); it must equal jax.grad of the plain AWAC loss E[-log pi(a|s) w(s, a)] followed by Adam."""
+    sample); it must equal jax.grad of the plain AWAC loss E[-log pi(a|s) w(s, a)] followed by Adam. Under
+    the value transform the critics output h(Q), and the advantage is taken in return units, on h^-1."""
     import optax
     from mb2po_jax import networks
 
+    config = dataclasses.replace(TINY, value_transform=transform)
     data = _synthetic()
-    state = awac.init(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM, TINY, awac.Normalizer.fit(data.observations))
+    state = awac.init(jax.random.PRNGKey(0), OBS_DIM, ACT_DIM, config, awac.Normalizer.fit(data.observations))
     batch = jax.tree.map(lambda x: x[:64], data)
     key = jax.random.PRNGKey(1)
     new_state, _ = jax.jit(awac.update)(state, batch, key)
 
-    actor, critic = awac.actor_network(TINY, ACT_DIM), awac.critic_network(TINY)
+    actor, critic = awac.actor_network(config, ACT_DIM), awac.critic_network(config)
     obs = state.normalizer(batch.observations)
     actions = jnp.clip(batch.actions, -1.0 + networks.ACTION_EPS, 1.0 - networks.ACTION_EPS)
     _, pi_key = jax.random.split(key)
@@ -483,13 +486,14 @@ def test_actor_update_through_the_vjp_equals_the_plain_loss_gradient():
     def plain_loss(actor_params):
         dist = networks.tanh_gmm(*actor.apply(actor_params, obs))
         pi_actions = jax.lax.stop_gradient(dist.sample(seed=pi_key))
-        q = awac.critic_values(critic.apply(state.critic_params, obs, actions), TINY).min(0)
-        q_pi = awac.critic_values(critic.apply(state.critic_params, obs, pi_actions), TINY).min(0)
-        weights = jax.lax.stop_gradient(awac.advantage_weights(q - q_pi, TINY.temperature, TINY.max_weight))
+        q, q_pi = (critic.apply(state.critic_params, obs, a).min(0) for a in (actions, pi_actions))
+        if transform:  # h^-1 by hand (awac.critic_values applies it in update)
+            q, q_pi = (awac.inverse_value_transform(x, config.value_transform_eps) for x in (q, q_pi))
+        weights = jax.lax.stop_gradient(awac.advantage_weights(q - q_pi, config.temperature, config.max_weight))
         return awac.actor_loss(dist.log_prob(actions), weights)
 
     grads = jax.grad(plain_loss)(state.actor_params)
-    updates, _ = optax.adam(TINY.actor_lr).update(grads, state.actor_opt_state)
+    updates, _ = optax.adam(config.actor_lr).update(grads, state.actor_opt_state)
     expected = optax.apply_updates(state.actor_params, updates)
     for a, b in zip(jax.tree.leaves(new_state.actor_params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
