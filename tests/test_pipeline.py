@@ -270,3 +270,23 @@ def test_actions_outside_unit_bounds_are_rescaled_for_the_policy_and_back(tmp_pa
     np.testing.assert_allclose(spaces.from_unit_actions([[-1, -1], [1, 1], [0, 0]]), [[-2, 0.5], [0, 3], [-1, 1.75]])
     unit = rng.uniform(-1, 1, size=(50, 2))
     np.testing.assert_allclose(spaces.to_unit_actions(spaces.from_unit_actions(unit)), unit, atol=1e-6)
+
+
+def test_dynamics_stage_leaves_out_rows_without_a_recorded_successor(tmp_path):
+    """A file without next_observations: a terminal row's successor was never recorded, so the ensembles
+    neither train nor select on it (training + holdout rows = the rows with a true successor)."""
+    rng = np.random.default_rng(0)
+    n = 600
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[[99, 349]], timeouts[[199, 599]] = True, True
+    path = tmp_path / "no_next.hdf5"
+    write_d4rl_hdf5(path, {"observations": rng.normal(size=(n, 11)).astype(np.float32),
+                           "actions": rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+                           "rewards": rng.normal(size=n).astype(np.float32), "terminals": terminals,
+                           "timeouts": timeouts}, {"env_id": "Hopper-v5"})
+    config = config_lib.make_config("smoke", {"num_seeds": 1})
+    run = pipeline.Run(str(tmp_path / "run"), str(path), None, config, log=lambda m: None)
+    rows = len(run.dataset.transitions)
+    assert int(np.sum(run.dataset.transitions.next_valid_mask)) == rows - 2  # the two terminal rows
+    _, data, _ = run.init_dynamics()
+    assert data["bootstrap"].shape[-1] + data["holdout_targets"].shape[1] == rows - 2
