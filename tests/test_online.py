@@ -79,6 +79,34 @@ def test_model_online_and_offline_rows_are_exact():
     np.testing.assert_array_equal(np.asarray(batch.rewards), [2.0] * 10 + [1.0] * 15 + [0.0] * 15)
 
 
+def test_model_arm_starts_its_rollouts_from_online_states_once_there_are_any():
+    """The model arm's imagined rollouts start from states of the online ring (from D_beta's only while it
+    is empty): with an ensemble that keeps the state (delta 0) and h = 1, each model row's observation is
+    its start state."""
+    from mb2po_jax import mb2po
+    from mb2po_jax.termination import never_terminate
+    from test_mb2po import _agents
+    from test_rollout import ACT, OBS, hand_state
+
+    models = hand_state(np.zeros((3, OBS + 1)), np.full((3, OBS + 1), -5.0), elites=[0, 1, 2])
+    model_config = mb2po.MB2POConfig(imagined_steps=40, num_slots=2, horizon=1, penalty_coef=0.0)
+    state = online.init_seeds(_agents(1), online.OnlineConfig(model=True, buffer_size=16), OBS, ACT,
+                              models=jax.tree.map(lambda x: x[None], models), model_config=model_config)
+    state = jax.tree.map(lambda x: x[0], state)
+    dataset_observations = jnp.full((30, OBS), -3.0)
+
+    def starts(state):
+        state, metrics = online.imagine(state, dataset_observations, jnp.float32(0.0), model_config=model_config,
+                                        termination_fn=never_terminate)
+        assert int(metrics["model_rows"]) == 40
+        written = np.asarray(state.ring.observations).reshape(-1, OBS)
+        return written[np.any(written != 0.0, axis=1)]  # the ring's unwritten rows are zeros
+
+    np.testing.assert_array_equal(starts(state), np.full((40, OBS), -3.0))  # an empty online ring: D_beta
+    filled = state.replace(buffer=online.add(state.buffer, _marked(5, 4.0, OBS, ACT)))
+    np.testing.assert_array_equal(starts(filled), np.full((40, OBS), 4.0))
+
+
 def test_model_refit_changes_the_ensemble_and_keeps_its_normaliser_consistent():
     from mb2po_jax import dynamics as dyn
 
