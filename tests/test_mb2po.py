@@ -1,4 +1,5 @@
 """MB2PO stage: one iteration's behaviour, the three-stage pipeline end to end, exact resume, memory refusal."""
+import dataclasses
 import json
 import os
 import shutil
@@ -93,12 +94,13 @@ def test_learn_draws_omega_of_every_batch_from_the_data(monkeypatch):
         return agent, {}
 
     monkeypatch.setattr(awac, "train_steps", train_steps)
+    cfg = mb2po.MB2POConfig(imagined_steps=100, num_slots=2, horizon=4, penalty_coef=2.0)
+    state = jax.tree.map(lambda x: x[0], mb2po.init_seeds(_agents(1), cfg, OBS, ACT))
+    imagine = jax.jit(lambda agent: mb2po.imagine(agent, dyn_state, data.observations, jnp.float32(2.0),
+                                                  config=cfg, termination_fn=never_terminate))
+    imagined = imagine(state.agent)
     for omega in (0.0, 0.25, 0.5, 1.0):
-        cfg = mb2po.MB2POConfig(imagined_steps=100, num_slots=2, horizon=4, penalty_coef=2.0, omega=omega)
-        state = jax.tree.map(lambda x: x[0], mb2po.init_seeds(_agents(1), cfg, OBS, ACT))
-        imagined = mb2po.imagine(state.agent, dyn_state, data.observations, jnp.float32(2.0), config=cfg,
-                                 termination_fn=never_terminate)
-        mb2po.learn(state, imagined, data, config=cfg)
+        mb2po.learn(state, imagined, data, config=dataclasses.replace(cfg, omega=omega))
         rewards = np.asarray(batches[-1].rewards)
         assert rewards.shape == (40,) and np.sum(rewards == 7.0) == round(omega * 40), omega
         assert np.all(rewards[round(omega * 40):] < 1.0), omega  # the model rows, after the data's
