@@ -208,7 +208,7 @@ def test_dynamics_stopped_mid_stage_resumes_to_the_uninterrupted_ensembles(tmp_p
                          if r["stage"] == "dynamics"]
     assert [r["epoch"] for r in records(split)] == [[e, e] for e in range(1, 6)]  # stopped after epoch 5
     run_b, _ = _run(split, data, stages=stages)  # the stage resumes (a fresh Run, as a new process makes)
-    done = [r for r in records(straight)]
+    done = records(straight)
     assert len(done) > 5 and [r["epoch"] for r in records(split)] == [r["epoch"] for r in done]
     for a, b in zip(done, records(split)):
         for k in ("train_loss", "holdout_mse", "best_holdout_mse", "elites", "updates"):

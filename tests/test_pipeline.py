@@ -19,21 +19,27 @@ TINY = ["--actor_hidden_dims=32,32", "--critic_hidden_dims=32,32", "--batch_size
         "--eval_episodes=1", "--max_episode_steps=30"]
 
 
-def _write_hopper_file(path, n=600, seed=0, env_id="Hopper-v5"):
+def _write_hopper_file(path, n=600, seed=0, env_id="Hopper-v5", obs_dim=11, act_dim=3, action_bound=1.0,
+                       terminal_rows=(), next_observations=True):
+    """A tiny D4RL-layout file of random rows (Hopper's shapes by default), an episode timeout every 200 rows;
+    `terminal_rows` end episodes as terminals; without `next_observations` the loader derives them."""
     rng = np.random.default_rng(seed)
-    obs = rng.normal(size=(n, 11)).astype(np.float32)
+    obs = rng.normal(size=(n, obs_dim)).astype(np.float32)
     obs[:, 0] += 1.25  # a plausible hopper height
     terminals = np.zeros(n, bool)
+    terminals[list(terminal_rows)] = True
     timeouts = np.zeros(n, bool)
     timeouts[199::200] = True
-    write_d4rl_hdf5(path, {
+    arrays = {
         "observations": obs,
-        "actions": rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
+        "actions": rng.uniform(-action_bound, action_bound, size=(n, act_dim)).astype(np.float32),
         "rewards": rng.normal(size=n).astype(np.float32),
-        "next_observations": (obs + 0.01 * rng.normal(size=obs.shape)).astype(np.float32),
         "terminals": terminals,
         "timeouts": timeouts,
-    }, {"env_id": env_id} if env_id else None)
+    }
+    if next_observations:
+        arrays["next_observations"] = (obs + 0.01 * rng.normal(size=obs.shape)).astype(np.float32)
+    write_d4rl_hdf5(path, arrays, {"env_id": env_id} if env_id else None)
     return str(path)
 
 
@@ -251,41 +257,27 @@ def test_actions_outside_unit_bounds_are_rescaled_for_the_policy_and_back(tmp_pa
     bounds; with asymmetric bounds too (the two maps are each other's inverse, ends to ends)."""
     from mb2po_jax.data.envs import EnvSpaces
 
-    rng = np.random.default_rng(0)
-    n = 400
-    obs = rng.normal(size=(n, 3)).astype(np.float32)
-    torque = rng.uniform(-2, 2, size=(n, 1)).astype(np.float32)
-    timeouts = np.zeros(n, bool)
-    timeouts[199::200] = True
-    path = tmp_path / "pendulum.hdf5"
-    write_d4rl_hdf5(path, {"observations": obs, "actions": torque, "rewards": rng.normal(size=n).astype(np.float32),
-                           "next_observations": obs, "terminals": np.zeros(n, bool), "timeouts": timeouts},
-                    {"env_id": "Pendulum-v1"})
-    run = pipeline.Run(str(tmp_path / "run"), str(path), None, config_lib.make_config("smoke"), log=lambda m: None)
+    path = _write_hopper_file(tmp_path / "pendulum.hdf5", n=400, env_id="Pendulum-v1", obs_dim=3, act_dim=1,
+                              action_bound=2.0)
+    run = pipeline.Run(str(tmp_path / "run"), path, None, config_lib.make_config("smoke"), log=lambda m: None)
     assert not run.spaces.unit_actions
+    torque = run.dataset.transitions.actions  # as the file holds them, in [-2, 2]
+    assert np.max(np.abs(torque)) > 1.5
     np.testing.assert_allclose(np.asarray(run._device_dataset().actions), torque / 2, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(run.spaces.from_unit_actions(torque / 2), torque, rtol=1e-6, atol=1e-6)
 
     spaces = EnvSpaces("x", (3,), (2,), np.array([-2.0, 0.5]), np.array([0.0, 3.0]))
     np.testing.assert_allclose(spaces.from_unit_actions([[-1, -1], [1, 1], [0, 0]]), [[-2, 0.5], [0, 3], [-1, 1.75]])
-    unit = rng.uniform(-1, 1, size=(50, 2))
+    unit = np.random.default_rng(0).uniform(-1, 1, size=(50, 2))
     np.testing.assert_allclose(spaces.to_unit_actions(spaces.from_unit_actions(unit)), unit, atol=1e-6)
 
 
 def test_dynamics_stage_leaves_out_rows_without_a_recorded_successor(tmp_path):
     """A file without next_observations: a terminal row's successor was never recorded, so the ensembles
     neither train nor select on it (training + holdout rows = the rows with a true successor)."""
-    rng = np.random.default_rng(0)
-    n = 600
-    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
-    terminals[[99, 349]], timeouts[[199, 599]] = True, True
-    path = tmp_path / "no_next.hdf5"
-    write_d4rl_hdf5(path, {"observations": rng.normal(size=(n, 11)).astype(np.float32),
-                           "actions": rng.uniform(-1, 1, size=(n, 3)).astype(np.float32),
-                           "rewards": rng.normal(size=n).astype(np.float32), "terminals": terminals,
-                           "timeouts": timeouts}, {"env_id": "Hopper-v5"})
+    path = _write_hopper_file(tmp_path / "no_next.hdf5", terminal_rows=(99, 349), next_observations=False)
     config = config_lib.make_config("smoke", {"num_seeds": 1})
-    run = pipeline.Run(str(tmp_path / "run"), str(path), None, config, log=lambda m: None)
+    run = pipeline.Run(str(tmp_path / "run"), path, None, config, log=lambda m: None)
     rows = len(run.dataset.transitions)
     assert int(np.sum(run.dataset.transitions.next_valid_mask)) == rows - 2  # the two terminal rows
     _, data, _ = run.init_dynamics()
